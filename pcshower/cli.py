@@ -1,0 +1,73 @@
+"""The ``pcshower`` command line: one console script, one subcommand per job.
+
+Each subsystem contributes its subcommands through a ``register(subparsers)`` function in its
+own ``cli`` module, listed in ``_SUBCOMMAND_MODULES``; the handler it sets as ``func`` receives
+the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+_SUBCOMMAND_MODULES = (
+    "pcshower.io.cli",          # info, convert
+    "pcshower.simulate.cli",    # simulate
+    "pcshower.geometry.cli",    # geometry list/show, project
+    "pcshower.models.cli",      # train, generate
+    "pcshower.evaluate.cli",    # evaluate
+    "pcshower.bench",           # bench
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pcshower import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pcshower",
+        description="Calorimeter showers from point-cloud generative models, for any geometry. "
+                    "Units: mm, MeV deposits, GeV incident energies; angles in degrees on the "
+                    "command line.")
+    parser.add_argument("--version", action="version", version=f"pcshower {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency inside the module
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"pcshower {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pcshower {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The one place where pcshower's units, frames and particle names are fixed.
+
+Lengths are in mm, deposited energies in MeV, incident energies in GeV and angles in radians
+inside the library. The public API accepts degrees where it says so (``pcshower.generate``, the
+CLI) and converts at the edge with :func:`deg_to_rad`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "LENGTH_UNIT",
+    "DEPOSIT_UNIT",
+    "INCIDENT_ENERGY_UNIT",
+    "ANGLE_UNIT",
+    "FRAMES",
+    "PHYSICS_FRAME",
+    "DETECTOR_FRAME",
+    "PHYSICS_FRAME_UNITS",
+    "DETECTOR_FRAME_UNITS",
+    "PARTICLES",
+    "particle_code",
+    "particle_name",
+    "deg_to_rad",
+    "rad_to_deg",
+    "GEV_TO_MEV",
+]
+
+LENGTH_UNIT = "mm"
+DEPOSIT_UNIT = "MeV"
+INCIDENT_ENERGY_UNIT = "GeV"
+ANGLE_UNIT = "rad"
+GEV_TO_MEV = 1000.0
+
+PHYSICS_FRAME = "physics"
+DETECTOR_FRAME = "detector"
+FRAMES = (PHYSICS_FRAME, DETECTOR_FRAME)
+
+# Units of the x, y, z, e point features in each frame (written into every file's metadata).
+PHYSICS_FRAME_UNITS = {"x": "R_M", "y": "R_M", "z": "X0", "e": "fraction of incident energy"}
+DETECTOR_FRAME_UNITS = {"x": "mm", "y": "mm", "z": "mm", "e": "MeV"}
+
+# PDG Monte Carlo particle numbers of the particles a user names.
+PARTICLES = {
+    "photon": 22,
+    "gamma": 22,
+    "electron": 11,
+    "e-": 11,
+    "positron": -11,
+    "e+": -11,
+    "pi+": 211,
+    "pion": 211,
+    "pi-": -211,
+    "pi0": 111,
+    "muon": 13,
+    "mu-": 13,
+    "mu+": -13,
+    "neutron": 2112,
+    "proton": 2212,
+}
+_CANONICAL = {22: "photon", 11: "electron", -11: "positron", 211: "pi+", -211: "pi-",
+              111: "pi0", 13: "mu-", -13: "mu+", 2112: "neutron", 2212: "proton"}
+
+
+def particle_code(particle: str | int) -> int:
+    """PDG code for a particle name (``"photon"``, ``"e-"``, ``"pi+"``…) or an integer code."""
+    if isinstance(particle, (int, np.integer)) and not isinstance(particle, bool):
+        return int(particle)
+    key = str(particle).strip().lower()
+    if key in PARTICLES:
+        return PARTICLES[key]
+    try:
+        return int(key)
+    except ValueError:
+        known = ", ".join(sorted(set(PARTICLES)))
+        raise ValueError(f"unknown particle {particle!r}: use a PDG code or one of {known}") from None
+
+
+def particle_name(code: int) -> str:
+    """Readable name of a PDG code (the code itself as text when it has no name here)."""
+    return _CANONICAL.get(int(code), str(int(code)))
+
+
+def deg_to_rad(angle_deg):
+    """Degrees (the API edge) to radians (the library inside); works on scalars and arrays."""
+    return np.asarray(angle_deg, dtype=np.float64) * (math.pi / 180.0)
+
+
+def rad_to_deg(angle_rad):
+    return np.asarray(angle_rad, dtype=np.float64) * (180.0 / math.pi)
