@@ -1,5 +1,10 @@
-"""pcshower: calorimeter shower simulation with point-cloud generative models, for any geometry."""
+"""pcshower: calorimeter shower simulation with point-cloud generative models, for any geometry.
 
+Units everywhere: lengths in mm, deposited energies in MeV, incident energies in GeV, angles in
+radians inside the library (degrees where an API or the CLI says so). See ``pcshower.units``.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -9,4 +14,17 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from pcshower.data import CellHits, Showers
 
-__all__ = ["Showers", "CellHits", "__version__"]
+# Heavier entry points are imported on first use so that `import pcshower` stays fast.
+_LAZY = {
+    "load_geometry": "pcshower.geometry",
+    "simulate": "pcshower.simulate",
+    "generate": "pcshower.models.generate",
+}
+
+__all__ = ["Showers", "CellHits", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pcshower' has no attribute {name!r}")
