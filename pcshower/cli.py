@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency inside the module
-                raise
+            if not (name == err.name or name.startswith(f"{err.name}.")):
+                raise  # a real missing dependency inside the module, not the module itself
             continue
         module.register(sub)
     return parser

@@ -1,0 +1,333 @@
+"""pcshower's native on-disk format: Parquet files (and directories of shards) of showers or cell hits.
+
+Layout of a showers file (one row per shower):
+
+- one ``list<float32>`` column per point feature (``x``, ``y``, ``z``, ``e`` and any extras),
+- scalar condition columns ``energy`` [GeV], ``theta``, ``phi`` [rad], ``particle`` [PDG],
+  ``position_x``, ``position_y``, ``position_z`` [mm],
+- schema metadata under the key ``pcshower``: JSON with ``format``, ``format_version``,
+  ``kind`` ("showers" or "hits"), ``frame``, ``units``, ``feature_names``, ``geometry`` and
+  ``provenance`` (generator, pcshower version, seed, …).
+
+Plain ``pyarrow.parquet``, pandas, polars and DuckDB read these files without pcshower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pcshower.data import CellHits, Showers
+from pcshower.io._atomic import TMP_MARKER, atomic_path
+from pcshower.units import DETECTOR_FRAME_UNITS, PHYSICS_FRAME, PHYSICS_FRAME_UNITS
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "write_parquet",
+    "read_parquet",
+    "iter_parquet",
+    "read_metadata",
+    "write_hits_parquet",
+    "read_hits_parquet",
+    "list_shards",
+    "shard_name",
+    "count_showers",
+]
+
+FORMAT_NAME = "pcshower"
+#: Major version changes break readers; minor versions only add optional fields.
+FORMAT_VERSION = "1.0"
+_META_KEY = b"pcshower"
+_POSITION_COLUMNS = ("position_x", "position_y", "position_z")
+#: Default showers per row group: the unit of streaming reads.
+ROW_GROUP_SHOWERS = 2048
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` in a sharded dataset directory."""
+    return f"shard-{int(index):05d}.parquet"
+
+
+def list_shards(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a dataset: ``path`` itself, or the sorted shards of a directory
+    (temporary files of interrupted writes are skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet")
+                       if TMP_MARKER not in p.name and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"{path}: directory holds no .parquet shards")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return [path]
+
+
+def _base_metadata(kind: str, frame: str, geometry: str | None, metadata: dict | None) -> dict:
+    from pcshower import __version__
+
+    provenance = {"pcshower_version": __version__}
+    provenance.update(metadata or {})
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "frame": frame,
+        "geometry": geometry,
+        "units": {
+            "points": PHYSICS_FRAME_UNITS if frame == PHYSICS_FRAME else DETECTOR_FRAME_UNITS,
+            "energy": "GeV", "theta": "rad", "phi": "rad", "position": "mm",
+            "hit_energy": "MeV",
+        },
+        "provenance": provenance,
+    }
+
+
+def _list_column(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
+                                    pa.array(values))
+
+
+def _large_safe_offsets(ptr: np.ndarray) -> np.ndarray:
+    if ptr[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"{ptr[-1]} points in one table exceed Parquet list offsets; "
+                         "write the showers in smaller shards")
+    return ptr
+
+
+def _condition_columns(conditions: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    cols = {name: pa.array(conditions[name]) for name in ("energy", "theta", "phi", "particle")}
+    for k, name in enumerate(_POSITION_COLUMNS):
+        cols[name] = pa.array(np.ascontiguousarray(conditions["position"][:, k]))
+    return cols
+
+
+def _write_table(path, table: pa.Table, row_group_size: int, compression: str) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression)
+    return path
+
+
+def write_parquet(path: str | os.PathLike, showers: Showers, *, metadata: dict | None = None,
+                  row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd") -> Path:
+    """Write ``showers`` to one Parquet file, atomically (temp file + rename).
+
+    Args:
+        metadata: provenance to record (``generator``, ``seed``, …); merged over
+            ``showers.metadata``. The pcshower version is added automatically.
+        row_group_size: showers per row group, the unit of :func:`iter_parquet`.
+    """
+    arrays = showers.to_numpy()
+    ptr = _large_safe_offsets(arrays["ptr"])
+    columns = {name: _list_column(np.ascontiguousarray(arrays["points"][:, k]), ptr)
+               for k, name in enumerate(showers.feature_names)}
+    columns.update(_condition_columns(arrays))
+    meta = _base_metadata("showers", showers.frame, showers.geometry,
+                          {**showers.metadata, **(metadata or {})})
+    meta["feature_names"] = list(showers.feature_names)
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    return _write_table(path, table, row_group_size, compression)
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file (truncated or corrupt?): {err}") from None
+
+
+def _check_metadata(path: Path, schema: pa.Schema, kind: str) -> dict:
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError(f"{path}: not a pcshower file (no 'pcshower' schema metadata); "
+                         "write showers with pcshower.io.write_parquet")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: pcshower metadata is not valid JSON: {err}") from None
+    major = str(meta.get("format_version", "0")).split(".")[0]
+    if major != FORMAT_VERSION.split(".")[0]:
+        raise ValueError(f"{path}: pcshower format version {meta.get('format_version')} cannot be "
+                         f"read by this pcshower (format {FORMAT_VERSION}); upgrade pcshower")
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path}: holds {meta.get('kind')!r} rows, expected {kind!r} "
+                         f"(use read_{'hits_' if kind == 'hits' else ''}parquet)")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The pcshower metadata (frame, units, provenance, …) of a file or a dataset's first shard,
+    with ``num_showers`` counted over all shards."""
+    files = list_shards(path)
+    pf = _open(files[0])
+    raw = (pf.schema_arrow.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError(f"{files[0]}: not a pcshower file (no 'pcshower' schema metadata)")
+    meta = json.loads(raw)
+    meta["num_showers"] = sum(_open(f).metadata.num_rows for f in files)
+    meta["num_files"] = len(files)
+    return meta
+
+
+def count_showers(path: str | os.PathLike) -> int:
+    return sum(_open(f).metadata.num_rows for f in list_shards(path))
+
+
+def _column(table: pa.Table, name: str) -> torch.Tensor:
+    """A scalar column as a (writable, owned) tensor."""
+    return torch.from_numpy(np.array(table.column(name).to_numpy()))
+
+
+def _flat_list(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Values and offsets [n+1] of a list column, whatever its chunking and slicing."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    start, stop = int(offsets[0]), int(offsets[-1])
+    return values[start:stop], (offsets - start).astype(np.int64)
+
+
+def _table_to_showers(path: Path, table: pa.Table, meta: dict) -> Showers:
+    names = tuple(meta.get("feature_names", ("x", "y", "z", "e")))
+    missing = [n for n in (*names, "energy", "theta", "phi", "particle", *_POSITION_COLUMNS)
+               if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}")
+    feats, ptr = [], None
+    for name in names:
+        values, offsets = _flat_list(table.column(name))
+        if ptr is None:
+            ptr = offsets
+        elif not np.array_equal(offsets, ptr):
+            raise ValueError(f"{path}: column {name!r} has a different number of points per "
+                             "shower than column 'x'")
+        feats.append(values)
+    points = np.empty((len(feats[0]), len(names)), dtype=np.float32)
+    for k, values in enumerate(feats):
+        points[:, k] = values
+    try:
+        return Showers(points=torch.from_numpy(points), ptr=torch.from_numpy(ptr),
+                       **_conditions(table), feature_names=names,
+                       frame=meta.get("frame", PHYSICS_FRAME), geometry=meta.get("geometry"),
+                       metadata=dict(meta.get("provenance", {})))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _conditions(table: pa.Table) -> dict[str, torch.Tensor]:
+    cond = {k: _column(table, k) for k in ("energy", "theta", "phi", "particle")}
+    cond["position"] = torch.stack([_column(table, n) for n in _POSITION_COLUMNS], dim=1)
+    return cond
+
+
+def _read_table(path: Path, pf: pq.ParquetFile, row_groups=None) -> pa.Table:
+    try:
+        if row_groups is None:
+            return pf.read()
+        return pf.read_row_groups(row_groups)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: cannot read data (truncated or corrupt?): {err}") from None
+
+
+def read_parquet(path: str | os.PathLike) -> Showers:
+    """Read a showers file, or every shard of a dataset directory, into one :class:`Showers`."""
+    parts = list(iter_parquet(path, batch_size=None))
+    return Showers.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def iter_parquet(path: str | os.PathLike, batch_size: int | None = None) -> Iterator[Showers]:
+    """Stream a file or dataset directory as :class:`Showers` batches, reading one row group at a
+    time (``batch_size=None``: one batch per file) so memory stays bounded by a row group.
+
+    With ``batch_size``, row groups are regrouped into batches of exactly ``batch_size`` showers
+    (the last one may be smaller).
+    """
+    pending: list[Showers] = []
+    held = 0
+    for file in list_shards(path):
+        pf = _open(file)
+        meta = _check_metadata(file, pf.schema_arrow, "showers")
+        if batch_size is None:
+            yield _table_to_showers(file, _read_table(file, pf), meta)
+            continue
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for g in range(pf.metadata.num_row_groups):
+            part = _table_to_showers(file, _read_table(file, pf, [g]), meta)
+            pending.append(part)
+            held += len(part)
+            while held >= batch_size:
+                merged = Showers.concat(pending)
+                yield merged[:batch_size]
+                rest = merged[batch_size:]
+                pending, held = ([rest], len(rest)) if len(rest) else ([], 0)
+    if pending and held:
+        yield Showers.concat(pending)
+
+
+def write_hits_parquet(path: str | os.PathLike, hits: CellHits, conditions: Showers | dict | None = None,
+                       *, metadata: dict | None = None, row_group_size: int = ROW_GROUP_SHOWERS,
+                       compression: str = "zstd") -> Path:
+    """Write cell hits (one row per shower: ``cell_id`` and ``energy`` [MeV] list columns,
+    ``outside_energy``/``outside_points``, and the showers' conditions when given)."""
+    arrays = hits.to_numpy()
+    ptr = _large_safe_offsets(arrays["ptr"])
+    columns = {"cell_id": _list_column(arrays["cell_id"].astype(np.int64), ptr),
+               "energy_mev": _list_column(arrays["energy"].astype(np.float32), ptr),
+               "outside_energy": pa.array(arrays["outside_energy"]),
+               "outside_points": pa.array(arrays["outside_points"])}
+    if conditions is not None:
+        cond = conditions.to_numpy() if isinstance(conditions, Showers) else conditions
+        if len(cond["energy"]) != len(hits):
+            raise ValueError(f"{len(hits)} showers of hits but {len(cond['energy'])} conditions")
+        columns.update(_condition_columns(cond))
+    meta = _base_metadata("hits", "detector", hits.geometry, {**hits.metadata, **(metadata or {})})
+    meta["num_cells"] = int(hits.num_cells)
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    return _write_table(path, table, row_group_size, compression)
+
+
+def read_hits_parquet(path: str | os.PathLike) -> tuple[CellHits, dict[str, torch.Tensor] | None]:
+    """Read cell hits (all shards of a directory); returns ``(hits, conditions or None)``."""
+    hits_parts, cond_parts = [], []
+    for file in list_shards(path):
+        pf = _open(file)
+        meta = _check_metadata(file, pf.schema_arrow, "hits")
+        table = _read_table(file, pf)
+        cells, ptr = _flat_list(table.column("cell_id"))
+        energy, _ = _flat_list(table.column("energy_mev"))
+        hits_parts.append(CellHits(
+            cell_id=torch.from_numpy(cells.astype(np.int64)), energy=torch.from_numpy(energy.copy()),
+            ptr=torch.from_numpy(ptr), num_cells=int(meta["num_cells"]),
+            geometry=meta.get("geometry"),
+            outside_energy=_column(table, "outside_energy"),
+            outside_points=_column(table, "outside_points"),
+            metadata=dict(meta.get("provenance", {}))))
+        if "energy" in table.column_names:
+            cond_parts.append(_conditions(table))
+    hits = hits_parts[0] if len(hits_parts) == 1 else _concat_hits(hits_parts)
+    conditions = None
+    if cond_parts and len(cond_parts) == len(hits_parts):
+        conditions = {k: torch.cat([c[k] for c in cond_parts]) for k in cond_parts[0]}
+    return hits, conditions
+
+
+def _concat_hits(parts: list[CellHits]) -> CellHits:
+    counts = torch.cat([p.num_hits for p in parts])
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return CellHits(cell_id=torch.cat([p.cell_id for p in parts]),
+                    energy=torch.cat([p.energy for p in parts]), ptr=ptr,
+                    num_cells=parts[0].num_cells, geometry=parts[0].geometry,
+                    outside_energy=torch.cat([p.outside_energy for p in parts]),
+                    outside_points=torch.cat([p.outside_points for p in parts]),
+                    metadata=dict(parts[0].metadata))
