@@ -1,0 +1,63 @@
+"""Calibration of generated points to the global shape that ShowerFlow sampled.
+
+CaloClouds II (arXiv:2309.05704, section 3.4) corrects the diffusion model's points so that the
+per-layer point counts and energies follow the flow. In the physics frame there are no layers, so
+pcshower does it per depth slice: (1) the points of each shower, sorted in depth, are dealt to the
+slices in the sampled counts and mapped linearly into their slice (order in depth is kept);
+(2) point energies are scaled per slice to the sampled slice energy, then per shower to the
+sampled visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
+All steps are vectorised over the flat ragged batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pcshower.models.showerflow import ShowerShape
+from pcshower.nn.pooling import segment_sum
+
+__all__ = ["calibrate_points"]
+
+
+def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
+                     z_edges: torch.Tensor) -> torch.Tensor:
+    """Calibrated copy of physics-frame ``points [P, 4]`` (rows grouped by shower as in ``ptr``,
+    ``P = shape.num_points.sum()``), re-ordered by depth within each shower."""
+    b, s = shape.slice_points.shape
+    counts = ptr[1:] - ptr[:-1]
+    if not torch.equal(counts, shape.slice_points.sum(1)):
+        raise ValueError("calibration: point counts per shower differ from the sampled shape")
+    device = points.device
+    batch = torch.repeat_interleave(torch.arange(b, device=device), counts)
+    # (1) sort by (shower, z) and deal the points to depth slices in the sampled numbers
+    order = torch.argsort(points[:, 2], stable=True)
+    order = order[torch.argsort(batch[order], stable=True)]
+    pts = points[order].clone()
+    group_counts = shape.slice_points.reshape(-1)
+    group = torch.repeat_interleave(torch.arange(b * s, device=device), group_counts)
+    starts = torch.cumsum(group_counts, 0) - group_counts
+    first = pts[:, 2][starts.clamp(max=max(pts.shape[0] - 1, 0))]
+    last = pts[:, 2][(starts + group_counts - 1).clamp(min=0, max=max(pts.shape[0] - 1, 0))]
+    z_lo, z_hi, n_g = first[group], last[group], group_counts[group].to(pts.dtype)
+    span = z_hi - z_lo
+    t = torch.where(span > 0, (pts[:, 2] - z_lo) / span.clamp(min=1e-30), torch.zeros_like(span))
+    edges = z_edges.to(device, pts.dtype)
+    slice_id = group % s
+    lo, width = edges[slice_id], (edges[1:] - edges[:-1])[slice_id]
+    pts[:, 2] = lo + width * (t * (n_g - 1) + 0.5) / n_g
+    # (2) energies: per slice, then per shower (slices that got no point lose their share)
+    e = pts[:, 3].double()
+    target = (shape.slice_energy.double() * shape.visible_energy.double()[:, None]).reshape(-1)
+    have = segment_sum(e, group, b * s)
+    e = e * torch.where(have > 0, target / have.clamp(min=1e-300), torch.zeros_like(have))[group]
+    total = segment_sum(e, batch, b)
+    scale = torch.where(total > 0, shape.visible_energy.double() / total.clamp(min=1e-300),
+                        torch.zeros_like(total))
+    e = e * scale[batch]
+    pts[:, 3] = e.to(pts.dtype)
+    # (3) transverse centre of gravity
+    total = segment_sum(e, batch, b).clamp(min=1e-300)
+    cog = segment_sum(pts[:, :2].double() * e[:, None], batch, b) / total[:, None]
+    shift = (shape.cog[:, :2].double() - cog).to(pts.dtype)
+    pts[:, :2] = pts[:, :2] + shift[batch]
+    return pts

@@ -1,0 +1,136 @@
+"""One-file model checkpoints that load without unpickling code, with integrity and version checks.
+
+A checkpoint is a ``torch.save`` of a plain dict (tensors, dicts, lists, strings, numbers) that
+``torch.load(weights_only=True)`` reads without executing anything. It carries the model config,
+the (EMA) weights, the feature normalisation, the frame, the pcshower version, the metrics
+measured at training time and a SHA-256 digest over all of it: a file edited after writing is
+rejected with a clear error instead of producing silently wrong showers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pcshower.io._atomic import atomic_path
+
+__all__ = ["save_checkpoint", "read_checkpoint", "load_model", "CheckpointError",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "pcshower-checkpoint"
+#: Bumped whenever the layout of the dict or the meaning of a weight changes.
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (corrupt, tampered, incompatible)."""
+
+
+def _digest(obj, h=None) -> str:
+    """SHA-256 of a nested structure of tensors and JSON-able values, independent of dict order."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=str):
+            h.update(json.dumps(str(key)).encode())
+            _digest(obj[key], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for item in obj:
+            _digest(item, h)
+        h.update(b"]")
+    else:
+        h.update(json.dumps(obj, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` (must hold ``config``, ``weights``, ``normalization``, ``frame``) with the
+    format tag, versions and digest added; atomic (temporary file + rename)."""
+    from pcshower import __version__
+
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    body.update(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION,
+                pcshower_version=__version__, torch_version=torch.__version__.split("+")[0])
+    body["sha256"] = _digest(body)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(body, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The verified checkpoint dict; raises :class:`CheckpointError` naming the file and problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        body = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); it is corrupt, truncated, or not a "
+            f"pcshower checkpoint (pcshower never unpickles code)") from None
+    if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a pcshower checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
+    version = body.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version} (written by pcshower "
+            f"{body.get('pcshower_version', '?')}); this pcshower reads version "
+            f"{CHECKPOINT_VERSION}: use the matching pcshower version or retrain the model")
+    stored = body.get("sha256")
+    actual = _digest({k: v for k, v in body.items() if k != "sha256"})
+    if stored != actual:
+        raise CheckpointError(f"checkpoint {path} failed its integrity check (SHA-256 of the "
+                              f"contents does not match the stored digest): the file was modified "
+                              f"after it was written; re-download or retrain it")
+    for key in ("config", "weights", "normalization", "frame"):
+        if key not in body:
+            raise CheckpointError(f"checkpoint {path} lacks the '{key}' entry")
+    return body
+
+
+def load_model(path: str | os.PathLike, device=None):
+    """A :class:`~pcshower.models.model.ShowerModel` in eval mode from a checkpoint file;
+    its ``checkpoint_info`` holds the file's metadata (versions, metrics, data provenance)."""
+    from pcshower.models.model import ShowerModel
+
+    body = read_checkpoint(path)
+    try:
+        model = ShowerModel(body["config"])
+        model.load_state_dict({**body["weights"],
+                               **{f"norm.{k}": v for k, v in body["normalization"].items()}})
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match this pcshower's model "
+                              f"({str(err).splitlines()[0]})") from None
+    if body["frame"] != "physics":
+        raise CheckpointError(f"checkpoint {path} is for the {body['frame']!r} frame; this pcshower "
+                              f"generates from physics-frame models only")
+    model.checkpoint_info = {k: v for k, v in body.items()
+                             if k not in ("weights", "normalization", "training_state")}
+    model.checkpoint_info["path"] = str(path)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def model_payload(model, *, metrics: dict | None = None, provenance: dict | None = None) -> dict:
+    """The checkpoint dict of a model (its current weights)."""
+    state = model.state_dict()
+    return {
+        "config": model.config,
+        "frame": "physics",
+        "weights": {k: v for k, v in state.items() if not k.startswith("norm.")},
+        "normalization": {k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")},
+        "metrics": metrics or {},
+        "provenance": provenance or {},
+    }

@@ -1,0 +1,207 @@
+"""`ShowerModel`: ShowerFlow for the global shape plus an EPiC EDM diffusion model for the points.
+
+Everything a trained model needs at generation time lives in this module's state: network
+weights and the feature normalisation (buffers of :class:`Normalization`), so one checkpoint
+file restores it (see :mod:`pcshower.models.checkpoint`). The model works in the physics frame
+(x, y in Molière radii, z in X0, e as fraction of the incident energy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pcshower.data.showers import Showers
+from pcshower.models.calibration import calibrate_points
+from pcshower.models.edm import EDM
+from pcshower.models.samplers import SAMPLERS, karras_sigmas
+from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape
+from pcshower.nn.epic import EPiCNetwork
+
+__all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config"]
+
+#: Model hyper-parameters; a YAML config's ``model:`` section overrides any of them.
+DEFAULT_MODEL_CONFIG = {
+    "slices": {"num": 30, "z_max_x0": 30.0},
+    "fraction_eps": 1.0e-3,
+    "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8},
+    "epic": {"point_dim": 64, "global_dim": 16, "hidden": 128, "layers": 3, "sum_scale": 100.0},
+    "edm": {"sigma_data": 1.0, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,
+            "sigma_max": 80.0, "rho": 7.0},
+    "sampler": "heun",
+    "steps": 16,
+    "max_points": 4096,
+}
+
+COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
+
+
+def merge_config(base: dict, override: dict | None) -> dict:
+    """Recursive dict update that rejects keys the base does not know (typos fail loudly)."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if key not in out:
+            raise ValueError(f"unknown model config key {key!r}; known keys: {sorted(out)}")
+        if isinstance(out[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"model config key {key!r} must be a mapping, got {value!r}")
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Normalization(nn.Module):
+    """Feature statistics measured on the training set (buffers, saved in the checkpoint)."""
+
+    def __init__(self, shape_features: int):
+        super().__init__()
+        self.register_buffer("shape_mean", torch.zeros(shape_features))
+        self.register_buffer("shape_std", torch.ones(shape_features))
+        self.register_buffer("point_mean", torch.zeros(4))
+        self.register_buffer("point_std", torch.ones(4))
+        # ln E mean/std, theta mean/std, ln N mean/std
+        self.register_buffer("cond_stats", torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+        # energy min/max [GeV], theta min/max [rad] seen in training
+        self.register_buffer("ranges", torch.tensor([0.0, math.inf, 0.0, math.pi]))
+
+
+class ShowerModel(nn.Module):
+    """Flow + point diffusion model. Build with a config dict (see ``DEFAULT_MODEL_CONFIG``),
+    call :meth:`fit_normalization` on training showers, train with :meth:`flow_loss` and
+    :meth:`point_loss`, and sample physics-frame showers with :meth:`sample`."""
+
+    def __init__(self, config: dict | None = None):
+        super().__init__()
+        self.config = merge_config(DEFAULT_MODEL_CONFIG, config)
+        cfg = self.config
+        edges = torch.linspace(0.0, float(cfg["slices"]["z_max_x0"]), int(cfg["slices"]["num"]) + 1)
+        self.codec = ShapeCodec(edges, cfg["fraction_eps"])
+        self.edm = EDM(**cfg["edm"])
+        self.norm = Normalization(self.codec.num_features)
+        fc = cfg["flow"]
+        self.flow = ShowerFlow(self.codec.num_features, COND_DIM, transforms=int(fc["transforms"]),
+                               hidden=tuple(fc["hidden"]), bins=int(fc["bins"]))
+        ec = cfg["epic"]
+        self.points_net = EPiCNetwork(4, 4, COND_DIM + 2, point_dim=int(ec["point_dim"]),
+                                      global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
+                                      layers=int(ec["layers"]), sum_scale=float(ec["sum_scale"]))
+
+    # ------------------------------------------------------------------ normalisation
+    @torch.no_grad()
+    def fit_normalization(self, showers: Showers) -> None:
+        """Measure feature means/standard deviations and condition ranges on physics-frame
+        training showers."""
+        _check_physics(showers)
+        shape = self.codec.measure(showers.points, showers.batch, len(showers))
+        y = self.codec.encode(shape)
+        self.norm.shape_mean.copy_(y.mean(0))
+        self.norm.shape_std.copy_(y.std(0).clamp(min=1e-3))
+        p = self._point_features_raw(showers.points)
+        self.norm.point_mean.copy_(p.mean(0))
+        self.norm.point_std.copy_(p.std(0).clamp(min=1e-3))
+        le, th = showers.energy.log().float(), showers.theta.float()
+        ln_n = shape.num_points.float().clamp(min=1).log()
+        self.norm.cond_stats.copy_(torch.tensor([le.mean(), le.std().clamp(min=1e-2), th.mean(),
+                                                 th.std().clamp(min=1e-2), ln_n.mean(),
+                                                 ln_n.std().clamp(min=1e-2)]))
+        self.norm.ranges.copy_(torch.tensor([showers.energy.min(), showers.energy.max(),
+                                             showers.theta.min(), showers.theta.max()]))
+
+    @property
+    def energy_range(self) -> tuple[float, float]:
+        return float(self.norm.ranges[0]), float(self.norm.ranges[1])
+
+    @property
+    def theta_range(self) -> tuple[float, float]:
+        return float(self.norm.ranges[2]), float(self.norm.ranges[3])
+
+    def _point_features_raw(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.cat([points[:, :3], points[:, 3:4].clamp(min=1e-12).log()], 1)
+
+    def normalize_points(self, points: torch.Tensor) -> torch.Tensor:
+        return (self._point_features_raw(points) - self.norm.point_mean) / self.norm.point_std
+
+    def denormalize_points(self, x: torch.Tensor) -> torch.Tensor:
+        p = x * self.norm.point_std + self.norm.point_mean
+        return torch.cat([p[:, :3], p[:, 3:4].clamp(max=0.0).exp()], 1)
+
+    def condition(self, energy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``[B, 4]`` standardised conditioning vector from GeV / rad conditions."""
+        c = self.norm.cond_stats
+        dev = c.device
+        energy, theta, phi = (torch.as_tensor(v, device=dev).float() for v in (energy, theta, phi))
+        return torch.stack([(energy.log() - c[0]) / c[1], (theta - c[2]) / c[3], phi.cos(),
+                            phi.sin()], 1)
+
+    # ------------------------------------------------------------------ losses
+    def flow_loss(self, shape_y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood per feature of standardised shape features."""
+        y = (shape_y - self.norm.shape_mean) / self.norm.shape_std
+        return -self.flow.log_prob(y, cond).mean() / y.shape[1]
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                batch: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """EDM denoiser :math:`D(x;\\sigma)` on normalised points; ``sigma`` per shower ``[B]``."""
+        c_skip, c_out, c_in, c_noise = self.edm.coefficients(sigma)
+        ln_n = (counts.float().clamp(min=1).log() - self.norm.cond_stats[4]) / self.norm.cond_stats[5]
+        full = torch.cat([cond, c_noise[:, None], ln_n[:, None]], 1)
+        f = self.points_net(x * c_in[batch, None], full, batch, counts)
+        return c_skip[batch, None] * x + c_out[batch, None] * f
+
+    def point_loss(self, showers: Showers, cond: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """EDM loss on the points of a batch of training showers (mean over points)."""
+        x = self.normalize_points(showers.points)
+        batch, counts = showers.batch, showers.num_points
+        sigma = self.edm.sample_sigma(len(showers), generator, x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts)
+        w = self.edm.loss_weight(sigma)[batch]
+        return (w * ((d - x) ** 2).mean(1)).mean()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_shape(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ShowerShape:
+        y = self.flow.sample(cond, generator) * self.norm.shape_std + self.norm.shape_mean
+        return self.codec.decode(y, max_points=int(self.config["max_points"]))
+
+    @torch.no_grad()
+    def sample(self, energy, theta, phi, *, steps: int | None = None, sampler: str | None = None,
+               generator: torch.Generator | None = None, calibrate: bool = True) -> Showers:
+        """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad."""
+        dev = self.norm.shape_mean.device
+        energy = torch.as_tensor(energy, dtype=torch.float64, device=dev).reshape(-1)
+        theta = torch.as_tensor(theta, dtype=torch.float64, device=dev).reshape(-1)
+        phi = torch.as_tensor(phi, dtype=torch.float64, device=dev).reshape(-1)
+        cond = self.condition(energy, theta, phi)
+        shape = self.sample_shape(cond, generator)
+        counts = shape.num_points
+        b = len(counts)
+        ptr = torch.zeros(b + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(counts, 0, out=ptr[1:])
+        batch = torch.repeat_interleave(torch.arange(b, device=dev), counts)
+        name = sampler or self.config["sampler"]
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        sigmas = karras_sigmas(int(steps or self.config["steps"]), self.edm.sigma_min,
+                               self.edm.sigma_max, self.edm.rho, device=dev)
+        x = torch.randn(int(ptr[-1]), 4, generator=generator, device=dev) * sigmas[0]
+
+        def denoiser(x, sigma):
+            return self.denoise(x, sigma.expand(b), cond, batch, counts)
+
+        points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
+        if calibrate:
+            points = calibrate_points(points, ptr, shape, self.codec.z_edges)
+        return Showers(points=points, ptr=ptr, energy=energy, theta=theta, phi=phi,
+                       frame="physics", validate=False)
+
+
+def _check_physics(showers: Showers) -> None:
+    if showers.frame != "physics":
+        raise ValueError(f"pcshower models are trained in the physics frame, but these showers are "
+                         f"in the {showers.frame!r} frame: simulate with frame='physics'")

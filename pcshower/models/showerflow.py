@@ -1,0 +1,160 @@
+r"""ShowerFlow: a conditional normalising flow for the global shape of a shower.
+
+As in CaloClouds II (Buhmann et al., arXiv:2309.05704, section 3.2), one flow samples, per
+shower, the numbers that fix its global shape before any point is drawn: the number of points
+:math:`N`, the visible energy (fraction of the incident energy), the energy-weighted centre of
+gravity :math:`(x, y, z)`, and for each depth slice the fraction of the energy and of the points
+it holds. Transforms that make the flow's job easy and keep the physics valid:
+
+* :math:`N` is dequantised, :math:`y_N = \ln(N + u)`, :math:`u \sim U[0, 1)`; sampling inverts
+  with :math:`\lfloor e^{y_N} \rfloor \ge 1` (Uria, Murray, Larochelle, arXiv:1306.0186).
+* energies are modelled as logarithms (always positive after sampling), slice fractions as
+  :math:`\ln(f + \epsilon)` and renormalised to sum to one after sampling; the per-slice point
+  counts are rounded by largest remainder so that they add up to :math:`N` exactly.
+
+The flow is zuko's neural spline flow (Durkan et al., arXiv:1906.04032): monotone rational-
+quadratic splines on ``[-5, 5]`` (identity outside) in an autoregressive stack, on features
+standardised to unit variance, so the spline domain covers the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import zuko
+from torch import nn
+
+from pcshower.nn.pooling import segment_sum
+
+__all__ = ["ShowerShape", "ShapeCodec", "ShowerFlow"]
+
+
+@dataclass
+class ShowerShape:
+    """Global shape of ``B`` showers (physics frame).
+
+    Attributes:
+        num_points: ``[B]`` int64 number of points.
+        visible_energy: ``[B]`` summed point energy, fraction of the incident energy.
+        cog: ``[B, 3]`` energy-weighted centre of gravity (R_M, R_M, X0).
+        slice_energy: ``[B, S]`` fraction of the visible energy in each depth slice.
+        slice_points: ``[B, S]`` int64 number of points in each depth slice.
+    """
+
+    num_points: torch.Tensor
+    visible_energy: torch.Tensor
+    cog: torch.Tensor
+    slice_energy: torch.Tensor
+    slice_points: torch.Tensor
+
+
+class ShapeCodec:
+    """Measures a :class:`ShowerShape` on physics-frame points and maps it to and from the flow's
+    real-valued feature vector ``[B, 5 + 2S]`` (log N, log E_vis, CoG x/y/z, slice energy
+    fractions, slice point fractions).
+
+    Args:
+        z_edges: ``[S+1]`` depth-slice edges in X0; points outside go to the first/last slice.
+        eps: floor added to fractions before the logarithm.
+    """
+
+    def __init__(self, z_edges: torch.Tensor, eps: float = 1e-3):
+        self.z_edges = torch.as_tensor(z_edges, dtype=torch.float32)
+        self.eps = float(eps)
+
+    @property
+    def num_slices(self) -> int:
+        return self.z_edges.numel() - 1
+
+    @property
+    def num_features(self) -> int:
+        return 5 + 2 * self.num_slices
+
+    def slice_of(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(z.contiguous(), self.z_edges[1:-1].to(z.device, z.dtype), right=True)
+
+    def measure(self, points: torch.Tensor, batch: torch.Tensor, num_showers: int) -> ShowerShape:
+        s = self.num_slices
+        e = points[:, 3].double()
+        counts = torch.bincount(batch, minlength=num_showers)
+        evis = segment_sum(e, batch, num_showers)
+        w = segment_sum(points[:, :3].double() * e[:, None], batch, num_showers)
+        cog = w / evis.clamp(min=1e-30)[:, None]
+        group = batch * s + self.slice_of(points[:, 2])
+        slice_e = segment_sum(e, group, num_showers * s).view(num_showers, s)
+        slice_n = torch.bincount(group, minlength=num_showers * s).view(num_showers, s)
+        return ShowerShape(counts, evis.float(), cog.float(),
+                           (slice_e / evis.clamp(min=1e-30)[:, None]).float(), slice_n)
+
+    def encode(self, shape: ShowerShape, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature vector; ``u [B]`` is the dequantisation noise (0.5 when None)."""
+        n = shape.num_points.float()
+        if u is None:
+            u = torch.full_like(n, 0.5)
+        frac_n = shape.slice_points.float() / n.clamp(min=1)[:, None]
+        return torch.cat([(n + u).log()[:, None], shape.visible_energy.clamp(min=1e-12).log()[:, None],
+                          shape.cog, (shape.slice_energy + self.eps).log(),
+                          (frac_n + self.eps).log()], dim=1)
+
+    def decode(self, y: torch.Tensor, max_points: int | None = None) -> ShowerShape:
+        s = self.num_slices
+        n = y[:, 0].exp().floor().clamp(min=1)
+        if max_points is not None:
+            n = n.clamp(max=float(max_points))
+        n = n.long()
+        evis = y[:, 1].exp()
+        cog = y[:, 2:5]
+        frac_e = _renormalise((y[:, 5:5 + s].exp() - self.eps).clamp(min=0))
+        frac_n = _renormalise((y[:, 5 + s:].exp() - self.eps).clamp(min=0))
+        return ShowerShape(n, evis, cog, frac_e, largest_remainder(frac_n, n))
+
+
+def _renormalise(f: torch.Tensor) -> torch.Tensor:
+    total = f.sum(1, keepdim=True)
+    # a shower whose every fraction was sampled at the floor falls back to a flat profile
+    flat = torch.full_like(f, 1.0 / f.shape[1])
+    return torch.where(total > 0, f / total.clamp(min=1e-30), flat)
+
+
+def largest_remainder(fractions: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Integer ``[B, S]`` counts proportional to ``fractions`` (rows sum to 1) that add up to
+    ``total [B]`` exactly (Hamilton's largest-remainder rounding), vectorised over showers."""
+    exact = fractions.double() * total.double()[:, None]
+    base = exact.floor()
+    deficit = (total.double() - base.sum(1)).long()
+    order = torch.argsort(exact - base, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return base.long() + (rank < deficit[:, None]).long()
+
+
+class ShowerFlow(nn.Module):
+    """Conditional neural spline flow over standardised shape features.
+
+    Args:
+        features: feature dimension (``ShapeCodec.num_features``).
+        context: conditioning dimension.
+        transforms: number of autoregressive spline transforms.
+        hidden: hidden widths of each transform's MADE network.
+        bins: spline bins.
+    """
+
+    def __init__(self, features: int, context: int, *, transforms: int = 4,
+                 hidden: tuple[int, ...] = (128, 128), bins: int = 8):
+        super().__init__()
+        self.features = features
+        self.flow = zuko.flows.NSF(features, context, bins=bins, transforms=transforms,
+                                   hidden_features=tuple(hidden))
+
+    def log_prob(self, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.flow(context).log_prob(y)
+
+    def sample(self, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sample per context row; the base noise comes from ``generator`` (reproducible)."""
+        dist = self.flow(context)
+        z = torch.randn(context.shape[0], self.features, generator=generator,
+                        device=context.device, dtype=context.dtype)
+        base = getattr(dist.base, "base_dist", dist.base)  # zuko's DiagNormal is Independent(Normal)
+        z = base.loc + base.scale * z
+        return dist.transform.inv(z)

@@ -1,0 +1,293 @@
+"""Training of a :class:`~pcshower.models.model.ShowerModel` on physics-frame showers.
+
+One loop trains ShowerFlow (maximum likelihood on the shape features of a large batch) and the
+EPiC diffusion model (EDM loss on the points of a smaller batch) with one AdamW optimiser,
+warm-up + cosine learning rate, gradient clipping, an exponential moving average of the weights
+(the EMA weights are what ships), bf16 autocast on CUDA, a CSV log, and a training-state file
+``last.pt`` every ``checkpoint_every`` steps. All randomness (batches, dequantisation, noise)
+comes from one ``torch.Generator`` whose state is saved, so ``resume=True`` after a kill
+continues bit-exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from pcshower.data.showers import Showers
+from pcshower.models.checkpoint import (CheckpointError, model_payload, read_checkpoint,
+                                        save_checkpoint)
+from pcshower.models.model import ShowerModel, _check_physics
+
+__all__ = ["train", "load_config", "DEFAULT_TRAIN_CONFIG"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_CONFIG = {
+    "steps": 2000,
+    "batch_showers": 48,       # showers per diffusion step
+    "flow_batch": 512,         # showers per flow step
+    "lr": 5.0e-4,
+    "weight_decay": 1.0e-5,
+    "warmup": 100,
+    "min_lr_fraction": 0.1,
+    "ema_decay": 0.999,
+    "grad_clip": 1.0,
+    "checkpoint_every": 250,
+    "log_every": 10,
+    "seed": 0,
+    "val_fraction": 0.05,
+    "amp": True,               # bf16 autocast, CUDA only
+    "threads": None,           # torch.set_num_threads on CPU (None: leave as is)
+}
+
+_LOG_FIELDS = ["step", "loss", "flow_loss", "point_loss", "lr", "grad_norm", "elapsed_s"]
+
+
+def load_config(path: str | os.PathLike | dict | None) -> dict:
+    """``{"model": {...}, "train": {...}}`` from a YAML file (or a dict), unknown keys rejected."""
+    if path is None:
+        raw = {}
+    elif isinstance(path, dict):
+        raw = path
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"training config {path}: expected a mapping with 'model' and 'train'")
+    unknown = set(raw) - {"model", "train", "data"}
+    if unknown:
+        raise ValueError(f"training config {path}: unknown top-level keys {sorted(unknown)}; "
+                         f"use 'model', 'train' (and an informational 'data')")
+    train_cfg = dict(DEFAULT_TRAIN_CONFIG)
+    for key, value in (raw.get("train") or {}).items():
+        if key not in train_cfg:
+            raise ValueError(f"training config {path}: unknown train key {key!r}; known: "
+                             f"{sorted(train_cfg)}")
+        train_cfg[key] = value
+    ShowerModel(raw.get("model"))  # validates the model section
+    return {"model": raw.get("model") or {}, "train": train_cfg, "data": raw.get("data") or {}}
+
+
+def _lr_at(step: int, cfg: dict) -> float:
+    warm = max(int(cfg["warmup"]), 1)
+    if step < warm:
+        return cfg["lr"] * (step + 1) / warm
+    progress = min((step - warm) / max(cfg["steps"] - warm, 1), 1.0)
+    floor = cfg["min_lr_fraction"]
+    return cfg["lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _fingerprint(showers: Showers) -> list:
+    return [len(showers), showers.total_points, float(showers.points[:, 3].double().sum()),
+            float(showers.energy.sum())]
+
+
+def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
+          resume: bool = False, device=None, progress: bool = True) -> dict:
+    """Train a model and write ``out/model.pt`` (EMA weights), ``out/last.pt`` (training state),
+    ``out/log.csv`` and ``out/config.yaml``; returns the metrics stored in the checkpoint.
+
+    Args:
+        config: YAML path or dict with ``model`` and ``train`` sections (see ``configs/``).
+        data: physics-frame showers, or a Parquet file/shard directory holding them.
+        out: run directory.
+        resume: continue from ``out/last.pt`` (bit-exact on the same device and thread count).
+        device: torch device (default: CUDA when available, else CPU).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = load_config(config)
+    tc = cfg["train"]
+    if tc["threads"]:
+        torch.set_num_threads(int(tc["threads"]))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out)
+    provenance = {}
+    if not isinstance(data, Showers):
+        from pcshower.io import read_metadata, read_parquet
+
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"training data {path} does not exist")
+        data_meta = read_metadata(path)
+        provenance = {"data_path": str(path), "data_metadata": _jsonable(data_meta)}
+        data = read_parquet(path)
+    _check_physics(data)
+    if len(data) < 2:
+        raise ValueError(f"training needs at least 2 showers, got {len(data)}")
+    last = out / "last.pt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no training state {last} to resume from")
+    if not resume and last.exists():
+        raise ValueError(f"run directory {out} already holds a training run; pass --resume to "
+                         f"continue it or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    gen = torch.Generator().manual_seed(int(tc["seed"]))
+    torch.manual_seed(int(tc["seed"]))  # parameter initialisation
+    perm = torch.randperm(len(data), generator=gen)
+    n_val = int(round(len(data) * float(tc["val_fraction"])))
+    n_val = min(n_val, len(data) - 1)
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    train_set, val_set = data[train_idx], data[val_idx] if n_val else None
+
+    model = ShowerModel(cfg["model"])
+    model.fit_normalization(train_set)
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+
+    # shape features of every training shower, computed once (the flow sees large batches)
+    shape = model.codec.measure(train_set.points, train_set.batch, len(train_set))
+    shape_y = model.codec.encode(shape, torch.zeros(len(train_set))).to(device)
+    cond_all = model.condition(train_set.energy.to(device), train_set.theta.to(device),
+                               train_set.phi.to(device))
+    train_set = train_set.to(device)
+
+    step, elapsed, rows = 0, 0.0, []
+    if resume:
+        body = read_checkpoint(last)
+        state = body.get("training_state")
+        if state is None:
+            raise CheckpointError(f"{last} holds no training state to resume from")
+        if state["fingerprint"] != _fingerprint(data):
+            raise ValueError(f"--resume: the training data differ from the run's data "
+                             f"({state['fingerprint']} vs {_fingerprint(data)})")
+        if body["config"] != model.config:
+            raise ValueError("--resume: the model config differs from the run's config")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict({**body["weights"], **{f"norm.{k}": v for k, v in
+                                                  body["normalization"].items()}})
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        rows = _read_log(out / "log.csv", step)
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump({"model": model.config, "train": tc, "data": cfg["data"]}, f, sort_keys=False)
+
+    use_amp = bool(tc["amp"]) and device.type == "cuda"
+    n_train = len(train_set)
+    bar = tqdm(total=int(tc["steps"]), initial=step, disable=not progress, desc="train",
+               unit="step", dynamic_ncols=True)
+    running = None
+    t0 = time.perf_counter()
+    while step < int(tc["steps"]):
+        lr = _lr_at(step, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        fidx = torch.randint(n_train, (min(int(tc["flow_batch"]), n_train),), generator=gen)
+        pidx = torch.randint(n_train, (min(int(tc["batch_showers"]), n_train),), generator=gen)
+        u = torch.rand(fidx.numel(), generator=gen)
+        y = shape_y[fidx.to(device)].clone()
+        y[:, 0] = (shape.num_points[fidx].float() + u).log().to(device)
+        batch = train_set[pidx.to(device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            flow_loss = model.flow_loss(y, cond_all[fidx.to(device)])
+            point_loss = model.point_loss(batch, cond_all[pidx.to(device)], _device_gen(gen, device))
+            loss = flow_loss + point_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+        opt.step()
+        decay = min(float(tc["ema_decay"]), (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        values = [float(loss.detach()), float(flow_loss.detach()), float(point_loss.detach())]
+        running = values if running is None else [0.98 * r + 0.02 * v for r, v in zip(running, values)]
+        if step % int(tc["log_every"]) == 0 or step == int(tc["steps"]):
+            rows.append({"step": step, "loss": values[0], "flow_loss": values[1],
+                         "point_loss": values[2], "lr": lr, "grad_norm": float(grad_norm),
+                         "elapsed_s": round(elapsed + time.perf_counter() - t0, 2)})
+            _write_log(out / "log.csv", rows)
+            bar.set_postfix(flow=f"{running[1]:.3f}", points=f"{running[2]:.3f}")
+        bar.update(1)
+        if step % int(tc["checkpoint_every"]) == 0 or step == int(tc["steps"]):
+            now = elapsed + time.perf_counter() - t0
+            _save_state(last, model, ema, opt, gen, step, now, data, provenance)
+    bar.close()
+    elapsed += time.perf_counter() - t0
+
+    metrics = {"steps": step, "train_showers": n_train, "val_showers": int(n_val),
+               "train_time_s": round(elapsed, 1), "device": str(device),
+               "final_flow_loss_smoothed": running[1] if running else None,
+               "final_point_loss_smoothed": running[2] if running else None}
+    if val_set is not None and len(val_set):
+        metrics.update(_validate(ema, val_set.to(device), seed=int(tc["seed"])))
+    save_checkpoint(out / "model.pt", model_payload(ema, metrics=metrics, provenance=provenance))
+    log.info("training done: %s", metrics)
+    return metrics
+
+
+def _device_gen(gen: torch.Generator, device: torch.device):
+    """The CPU generator drives everything on CPU; on CUDA a device generator is seeded from it
+    each step (so the CPU generator's state still determines the whole run)."""
+    if device.type == "cpu":
+        return gen
+    seed = int(torch.randint(2 ** 62, (1,), generator=gen))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
+    """Held-out flow NLL and EDM loss with the EMA weights (fixed noise draws)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = model.codec.measure(val.points, val.batch, len(val))
+    cond = model.condition(val.energy, val.theta, val.phi)
+    y = model.codec.encode(shape).to(val.device)
+    flow = float(model.flow_loss(y, cond))
+    losses = [float(model.point_loss(part, model.condition(part.energy, part.theta, part.phi),
+                                     _device_gen(g, val.device)))
+              for part in val.split(256) for _ in range(2)]
+    return {"val_flow_loss": flow, "val_point_loss": sum(losses) / len(losses)}
+
+
+def _save_state(path: Path, model, ema, opt, gen, step, elapsed, data, provenance) -> None:
+    payload = model_payload(ema, provenance=provenance)
+    payload["training_state"] = {
+        "step": step, "elapsed_s": elapsed, "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(), "fingerprint": _fingerprint(data)}
+    save_checkpoint(path, payload)
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: (int(v) if k == "step" else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

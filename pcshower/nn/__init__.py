@@ -1,0 +1,6 @@
+"""Neural-network building blocks that work on ragged point-cloud batches (flat points + ``batch``)."""
+
+from pcshower.nn.epic import EPiCLayer, EPiCNetwork
+from pcshower.nn.pooling import segment_mean, segment_sum
+
+__all__ = ["EPiCLayer", "EPiCNetwork", "segment_mean", "segment_sum"]
