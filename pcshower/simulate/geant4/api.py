@@ -1,0 +1,143 @@
+"""`simulate_geant4`: Geant4 showers in a layered stack as a `Showers` batch, detector or physics frame.
+
+Detector frame: one point per energy-depositing Geant4 step in an active slab, stack-local mm and
+MeV (z = depth along the stack normal from the front face, x/y transverse, origin at the impact
+point). Points are NOT merged: the production loop applies ``pcshower.simulate.reduce_points``.
+
+Physics frame (DESIGN.md: the full deposition of the shower in the homogeneous equivalent medium,
+depth in X0, transverse in R_M, energy as a fraction of the incident energy): each point r is
+rotated into the shower-axis frame (z' along the incident direction d, x' in the plane of d and the
+stack normal, y' = z' × x'), then z'/X0_eff and x', y'/R_M,eff with X0_eff and R_M,eff of
+``stack.effective_medium()`` (Grindhammer & Peters rules). Point energies are rescaled per
+shower by (energy deposited in ALL slabs) / (energy deposited in active slabs), so each shower's
+fractions sum to the energy it left in the stack (E - leakage) over E: the sampling fluctuation
+is divided out and the deposit of the passive layers is carried by the sampled active points.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from pcshower.data.showers import Showers
+from pcshower.physics.stack import Stack
+from pcshower.units import DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code
+from pcshower.simulate.geant4.engine import EventRecord, get_engine
+
+__all__ = ["simulate_geant4", "run_geant4", "to_physics_frame", "shower_axis_basis"]
+
+
+def shower_axis_basis(theta, phi) -> np.ndarray:
+    """``[n, 3, 3]`` rows (x', y', z') of the shower-axis frame for directions (θ, φ) in radians.
+
+    z' = (sinθ cosφ, sinθ sinφ, cosθ); x' = (cosθ cosφ, cosθ sinφ, -sinθ); y' = z' × x'
+    = (-sinφ, cosφ, 0). At θ = 0 this is the stack frame rotated by φ about z.
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    st, ct, sp, cp = np.sin(theta), np.cos(theta), np.sin(phi), np.cos(phi)
+    ex = np.stack([ct * cp, ct * sp, -st], -1)
+    ey = np.stack([-sp, cp, np.zeros_like(sp)], -1)
+    ez = np.stack([st * cp, st * sp, ct], -1)
+    return np.stack([ex, ey, ez], -2)
+
+
+def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) -> np.ndarray:
+    """Points of ``record`` (detector frame) in the physics frame; see the module docstring."""
+    pts = record.points
+    n = len(record.ptr) - 1
+    counts = np.diff(record.ptr)
+    shower = np.repeat(np.arange(n), counts)
+    basis = shower_axis_basis(np.broadcast_to(theta, (n,)), np.broadcast_to(phi, (n,)))[shower]
+    local = np.einsum("pij,pj->pi", basis, pts[:, :3])
+    eff = stack.effective_medium()
+    active = np.zeros(n)
+    np.add.at(active, shower, pts[:, 3])
+    scale = np.divide(record.deposited_mev, active, out=np.zeros(n), where=active > 0)
+    e_frac = pts[:, 3] * scale[shower] / (np.asarray(energy_gev, dtype=np.float64)[shower] * 1000.0)
+    return np.stack([local[:, 0] / eff.rm_mm, local[:, 1] / eff.rm_mm, local[:, 2] / eff.x0_mm,
+                     e_frac], axis=1)
+
+
+def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
+               transverse_mm=1000.0, cut_mm: float = 0.7, physics: str = "em",
+               progress: bool | object = False) -> EventRecord:
+    """Low-level: run Geant4 and return the raw :class:`EventRecord` (points, per-slab deposits,
+    leakage) — what the conservation tests and the engine comparison read."""
+    energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
+    engine = get_engine(cut_mm=cut_mm, physics=physics)
+    if engine.cut_mm != float(cut_mm) or engine.physics != physics:
+        raise ValueError(f"this process already runs Geant4 with physics={engine.physics!r}, "
+                         f"cut {engine.cut_mm} mm; Geant4 allows one run manager per process: "
+                         "use a separate worker process for other settings")
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+        bar = tqdm(total=len(energy_gev), desc="geant4", unit="shower", file=sys.stderr)
+    elif progress:
+        bar = progress
+    try:
+        return engine.run(energy_gev, theta, phi, particle_code(particle), stack, seed,
+                          transverse_mm=transverse_mm, progress=bar)
+    finally:
+        if progress is True and bar is not None:
+            bar.close()
+
+
+def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
+                    frame: str = DETECTOR_FRAME, *, transverse_mm=1000.0, cut_mm: float = 0.7,
+                    physics: str = "em", progress: bool | object = False) -> Showers:
+    """Simulate showers with Geant4 in ``stack`` and return them, unreduced, as :class:`Showers`.
+
+    Args:
+        energy_gev: ``[n]`` incident energies in GeV.
+        theta, phi: ``[n]`` (or scalars) direction in radians; θ is the angle to the stack normal
+            (θ = 0: normal incidence; ILD's barrel polar angle 90° is θ = 0 here), φ the azimuth.
+        particle: PDG code or name (photons, electrons, positrons; hadrons need a hadronic
+            ``physics`` list and real data sets).
+        stack: the layered stack; slabs' ``material.g4_name`` are Geant4 NIST names.
+        seed: base seed; shower i is seeded from (seed, i), so results are identical for a seed.
+        frame: ``"detector"`` (mm, MeV, stack-local) or ``"physics"`` (X0, R_M, energy fraction).
+        transverse_mm: full transverse size of the slabs (scalar or (x, y)); the slabs are
+            centred on the shower axis at mid-depth.
+        cut_mm: Geant4 production cut.
+        physics: ``"em"`` (G4EmStandardPhysics_option1, runs offline) or a reference list name.
+        progress: ``True`` for a tqdm bar, or an object with ``update(n)``.
+
+    ``metadata["generator"]`` is ``geant4-approximate-lowenergy`` when the approximate tables are
+    in use (see :mod:`pcshower.simulate.geant4.datasets`), else ``geant4``.
+    """
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
+    n = len(energy_gev)
+    theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,)).copy()
+    phi = np.broadcast_to(np.asarray(phi, dtype=np.float64), (n,)).copy()
+    code = particle_code(particle)
+    rec = run_geant4(energy_gev, theta, phi, code, stack, seed, transverse_mm=transverse_mm,
+                     cut_mm=cut_mm, physics=physics, progress=progress)
+    points = rec.points if frame == DETECTOR_FRAME else to_physics_frame(rec, energy_gev, theta,
+                                                                          phi, stack)
+    engine = get_engine()
+    import geant4_pybind as g4  # already imported by the engine
+
+    metadata = {
+        "generator": engine.data.label,
+        "engine": "geant4",
+        "geant4_version": str(getattr(g4, "G4Version", "")).replace("$Name:", "").strip(" $"),
+        "geant4_physics": "G4EmStandardPhysics_option1" if physics == "em" else physics,
+        "production_cut_mm": float(cut_mm),
+        "seed": int(seed),
+        "stack": stack.name,
+    }
+    if engine.data.approximate:
+        metadata["warning"] = ("Geant4 ran with approximate low-energy EM tables (no data sets "
+                               "installed): sampling fraction and resolution carry a several-"
+                               "percent systematic")
+    return Showers(points=torch.as_tensor(points, dtype=torch.float32),
+                   ptr=torch.as_tensor(rec.ptr, dtype=torch.int64), energy=energy_gev,
+                   theta=theta, phi=phi, particle=np.full(n, code),
+                   position=np.zeros((n, 3)), frame=frame, geometry=stack.name, metadata=metadata)

@@ -1,0 +1,379 @@
+"""The Geant4 application behind pcshower's ``geant4`` engine: a layered stack, a gun, cheap recording.
+
+One :class:`Geant4Engine` per process (Geant4 allows one run manager per process). Geometry:
+a vacuum world holding a vacuum envelope holding the slabs of a :class:`~pcshower.physics.Stack`
+as boxes along +z, the front face at z = 0 and the impact point at the origin, so Geant4's global
+coordinates ARE the stack-local detector frame (mm). Physics: ``G4EmStandardPhysics_option1``
+(the EM list of ATLAS/CMS-style production) with the default 0.7 mm production cut.
+
+Recording, chosen to keep Python off the hot path:
+
+- active slabs: a Python sensitive detector appends one point (mid-step position, deposit)
+  per energy-depositing step — Python runs only for steps in active material;
+- passive slabs: a C++ ``G4MultiFunctionalDetector`` with a ``G4PSEnergyDeposit`` scorer keyed
+  by copy number (= slab index) sums deposits with no Python call per step;
+- leakage: the world volume (outside the envelope) is sensitive; a track entering it is killed
+  and its kinetic energy (plus 2 m_e c² for a positron, whose annihilation energy leaves with it)
+  is counted as leakage. Energy conservation then reads Σ deposits + leakage = E_incident.
+
+Each event is seeded from ``(seed, event index)`` through NumPy's ``SeedSequence``, so a shower
+does not depend on how a job is split into calls, and the same seed gives identical steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pcshower.physics.stack import Stack
+from pcshower.simulate.geant4.datasets import ELECTRON_MASS_MEV, configure_geant4_data
+
+__all__ = ["Geant4Engine", "EventRecord", "get_engine", "PDG_TO_G4"]
+
+#: PDG code → Geant4 particle name for the guns pcshower supports.
+PDG_TO_G4 = {22: "gamma", 11: "e-", -11: "e+", 211: "pi+", -211: "pi-", 13: "mu-", -13: "mu+",
+             2212: "proton", 2112: "neutron"}
+HADRONS = {211, -211, 2212, 2112}
+
+_ENGINE: "Geant4Engine | None" = None
+
+
+@dataclass
+class EventRecord:
+    """Raw result of a batch of events (numpy, detector frame, mm / MeV).
+
+    ``points`` [P, 4] (x, y, z, e) of active-slab deposits, ``ptr`` [B+1]; ``slab_edep_mev``
+    [B, S] energy deposited in every slab (active and passive); ``leakage_mev`` [B];
+    ``active_steps`` [B] number of recorded steps.
+    """
+
+    points: np.ndarray
+    ptr: np.ndarray
+    slab_edep_mev: np.ndarray
+    leakage_mev: np.ndarray
+    active_steps: np.ndarray
+
+    @property
+    def deposited_mev(self) -> np.ndarray:
+        """[B] energy deposited in all materials of the stack."""
+        return self.slab_edep_mev.sum(axis=1)
+
+    @property
+    def active_mev(self) -> np.ndarray:
+        return np.add.reduceat(self.points[:, 3], self.ptr[:-1]) * (np.diff(self.ptr) > 0) \
+            if len(self.points) else np.zeros(len(self.ptr) - 1)
+
+
+def _event_seeds(seed: int, n: int) -> np.ndarray:
+    """[n, 2] independent 31-bit seed pairs for HepRandom, one per event."""
+    children = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x9E4]).spawn(n)
+    return np.array([c.generate_state(2, np.uint32) for c in children], dtype=np.int64) & 0x7FFFFFFF
+
+
+def get_engine(**kwargs) -> "Geant4Engine":
+    """The process's engine, created on first use (Geant4 allows one run manager per process)."""
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = Geant4Engine(**kwargs)
+    return _ENGINE
+
+
+class Geant4Engine:
+    """Owns the run manager, the geometry of the current stack and the recording hooks."""
+
+    def __init__(self, *, physics: str = "em", cut_mm: float = 0.7, verbose: int = 0):
+        self.data = configure_geant4_data()
+        os.environ.setdefault("G4FORCENUMBEROFTHREADS", "1")
+        import geant4_pybind as g4  # noqa: PLC0415  (after the data variables are set)
+
+        self.g4 = g4
+        self.physics = physics
+        self.cut_mm = float(cut_mm)
+        self._keep = []  # Python references that Geant4 objects need alive
+        self._geometry_key = None
+        self._geometry_version = 0
+        self._build_classes()
+        self.run_manager = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
+        self.detector = self._Detector(self)
+        self.run_manager.SetUserInitialization(self.detector)
+        self.run_manager.SetUserInitialization(self._physics_list(physics))
+        self.actions = self._Actions(self)
+        self.run_manager.SetUserInitialization(self.actions)
+        ui = g4.G4UImanager.GetUIpointer()
+        for cmd in ("/control/verbose 0", "/run/verbose 0", "/event/verbose 0",
+                    "/tracking/verbose 0", "/process/em/verbose 0", "/process/had/verbose 0"):
+            ui.ApplyCommand(cmd)
+        g4.G4EmParameters.Instance().SetVerbose(0)
+        self._initialized = False
+        self.transverse_mm = (1000.0, 1000.0)
+        self.stack: Stack | None = None
+
+    # ------------------------------------------------------------------ physics
+    def _physics_list(self, physics: str):
+        g4 = self.g4
+        if physics == "em":
+            plist = g4.G4VModularPhysicsList()
+            plist.RegisterPhysics(g4.G4EmStandardPhysics_option1())
+            plist.RegisterPhysics(g4.G4DecayPhysics())
+        else:
+            factory = g4.G4PhysListFactory()
+            if not factory.IsReferencePhysList(physics):
+                raise ValueError(f"unknown Geant4 physics list {physics!r}: use 'em' or a reference "
+                                 f"list name such as FTFP_BERT")
+            plist = factory.GetReferencePhysList(physics)
+        plist.SetVerboseLevel(0)
+        plist.SetDefaultCutValue(self.cut_mm * g4.mm)
+        self._keep.append(plist)
+        return plist
+
+    # ------------------------------------------------------------------ classes bound to g4
+    def _build_classes(self):
+        g4 = self.g4
+        engine = self
+
+        class ActiveSD(g4.G4VSensitiveDetector):
+            """Appends (x, y, z, e) of every depositing step in an active slab."""
+
+            def __init__(self, name):
+                super().__init__(name)
+                self.buf = []
+
+            def ProcessHits(self, step, history):
+                edep = step.GetTotalEnergyDeposit()
+                if edep <= 0.0:
+                    return False
+                a = step.GetPreStepPoint().GetPosition()
+                b = step.GetPostStepPoint().GetPosition()
+                self.buf.append((0.5 * (a.x + b.x), 0.5 * (a.y + b.y), 0.5 * (a.z + b.z), edep))
+                return True
+
+        class LeakageSD(g4.G4VSensitiveDetector):
+            """Counts and kills every track that leaves the envelope into the world."""
+
+            def __init__(self, name):
+                super().__init__(name)
+                self.leak = 0.0
+
+            def ProcessHits(self, step, history):
+                track = step.GetTrack()
+                pre = step.GetPreStepPoint()
+                e = pre.GetKineticEnergy()
+                if track.GetDefinition().GetPDGEncoding() == -11:
+                    e += 2.0 * ELECTRON_MASS_MEV
+                self.leak += e
+                track.SetTrackStatus(g4.G4TrackStatus.fStopAndKill)
+                return True
+
+        class Detector(g4.G4VUserDetectorConstruction):
+            def __init__(self, eng):
+                super().__init__()
+                self.eng = eng
+                self.world = None
+
+            def Construct(self):
+                self.world = self.eng._build_world()
+                return self.world
+
+            def ConstructSDandField(self):
+                self.eng._attach_sensitive()
+
+        class Gun(g4.G4VUserPrimaryGeneratorAction):
+            def __init__(self):
+                super().__init__()
+                self.gun = g4.G4ParticleGun(1)
+                self.jobs = None  # dict of per-event arrays
+                self.offset = 0
+
+            def GeneratePrimaries(self, event):
+                i = self.offset + event.GetEventID()
+                j = self.jobs
+                seeds = j["seeds"][i]
+                g4.HepRandom.setTheSeeds([int(seeds[0]), int(seeds[1]), 0])
+                d = j["dir"][i]
+                p = j["pos"][i]
+                self.gun.SetParticleDefinition(j["particle_def"])
+                self.gun.SetParticleEnergy(float(j["energy_mev"][i]) * g4.MeV)
+                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(*map(float, d)))
+                self.gun.SetParticlePosition(g4.G4ThreeVector(*map(float, p)))
+                self.gun.GeneratePrimaryVertex(event)
+
+        class EventAction(g4.G4UserEventAction):
+            def __init__(self, eng):
+                super().__init__()
+                self.eng = eng
+
+            def BeginOfEventAction(self, event):
+                self.eng._begin_event()
+
+            def EndOfEventAction(self, event):
+                self.eng._end_event(event)
+
+        class Actions(g4.G4VUserActionInitialization):
+            def __init__(self, eng):
+                super().__init__()
+                self.eng = eng
+                self.gun = Gun()
+                self.event_action = EventAction(eng)
+
+            def Build(self):
+                self.SetUserAction(self.gun)
+                self.SetUserAction(self.event_action)
+
+        self._ActiveSD, self._LeakageSD, self._Detector, self._Actions = ActiveSD, LeakageSD, Detector, Actions
+        self.active_sd = None
+        self.leak_sd = None
+        self.passive_mfd = None
+
+    # ------------------------------------------------------------------ geometry
+    def _build_world(self):
+        g4 = self.g4
+        stack = self.stack
+        nist = g4.G4NistManager.Instance()
+        vacuum = nist.FindOrBuildMaterial("G4_Galactic")
+        depth = stack.total_thickness_mm
+        wx, wy = self.transverse_mm
+        # centre the slabs on the shower axis at mid-depth so inclined showers stay contained
+        cx = 0.5 * depth * math.tan(self.axis_theta) * math.cos(self.axis_phi)
+        cy = 0.5 * depth * math.tan(self.axis_theta) * math.sin(self.axis_phi)
+        margin = 10.0
+        env_half = (0.5 * wx + abs(cx) + margin, 0.5 * wy + abs(cy) + margin, 0.5 * depth + margin)
+        # the world must be centred on the origin; the envelope sits at z = depth / 2 inside it
+        world_half = (env_half[0] + margin, env_half[1] + margin, depth + 2.0 * margin)
+        v = self._geometry_version
+        world_s = g4.G4Box(f"World{v}", *world_half)
+        world_lv = g4.G4LogicalVolume(world_s, vacuum, f"World{v}")
+        world_pv = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_lv, f"World{v}", None, False, 0)
+        env_s = g4.G4Box(f"Envelope{v}", *env_half)
+        env_lv = g4.G4LogicalVolume(env_s, vacuum, f"Envelope{v}")
+        env_pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, 0.5 * depth), env_lv, f"Envelope{v}", world_lv, False, 0)
+        edges = stack.z_edges_mm
+        self.active_lvs, self.passive_lvs = [], []
+        keep = [world_s, world_lv, world_pv, env_s, env_lv, env_pv]
+        for i, slab in enumerate(stack.slabs):
+            mat = nist.FindOrBuildMaterial(slab.material.g4_name)
+            if mat is None:
+                raise ValueError(f"Geant4 has no NIST material {slab.material.g4_name!r} "
+                                 f"(slab {i} of stack {stack.name!r})")
+            s = g4.G4Box(f"Slab{v}_{i}", 0.5 * wx, 0.5 * wy, 0.5 * slab.thickness_mm)
+            lv = g4.G4LogicalVolume(s, mat, f"Slab{v}_{i}")
+            zc = 0.5 * (edges[i] + edges[i + 1]) - 0.5 * depth  # envelope is centred at depth/2
+            pv = g4.G4PVPlacement(None, g4.G4ThreeVector(cx, cy, zc), lv, f"Slab{v}_{i}", env_lv,
+                                  False, i)
+            (self.active_lvs if slab.active else self.passive_lvs).append(lv)
+            keep += [s, lv, pv]
+        self.world_lv = world_lv
+        self._keep.append(keep)
+        return world_pv
+
+    def _attach_sensitive(self):
+        g4 = self.g4
+        sdm = g4.G4SDManager.GetSDMpointer()
+        v = self._geometry_version
+        self.active_sd = self._ActiveSD(f"pcsActive{v}")
+        self.leak_sd = self._LeakageSD(f"pcsLeak{v}")
+        self.passive_mfd = g4.G4MultiFunctionalDetector(f"pcsPassive{v}")
+        scorer = g4.G4PSEnergyDeposit("edep", 0)
+        self.passive_mfd.RegisterPrimitive(scorer)
+        for sd in (self.active_sd, self.leak_sd, self.passive_mfd):
+            sdm.AddNewDetector(sd)
+        for lv in self.active_lvs:
+            lv.SetSensitiveDetector(self.active_sd)
+        for lv in self.passive_lvs:
+            lv.SetSensitiveDetector(self.passive_mfd)
+        self.world_lv.SetSensitiveDetector(self.leak_sd)
+        self.passive_hc_id = sdm.GetCollectionID(f"pcsPassive{v}/edep") if self.passive_lvs else -1
+        self._keep.append([self.active_sd, self.leak_sd, self.passive_mfd, scorer])
+
+    def set_geometry(self, stack: Stack, transverse_mm, theta: float, phi: float) -> None:
+        """Build (or rebuild, when anything changed) the geometry for ``stack``."""
+        if not isinstance(stack, Stack):
+            raise ValueError(f"stack must be a pcshower.physics.Stack, got {type(stack).__name__}")
+        tx, ty = (transverse_mm, transverse_mm) if np.isscalar(transverse_mm) else transverse_mm
+        key = (stack, float(tx), float(ty), round(float(theta), 9), round(float(phi), 9))
+        if key == self._geometry_key:
+            return
+        self.stack, self.transverse_mm = stack, (float(tx), float(ty))
+        self.axis_theta, self.axis_phi = float(theta), float(phi)
+        self._geometry_version += 1
+        if not self._initialized:
+            self.run_manager.Initialize()
+            self._initialized = True
+        else:
+            world = self._build_world()
+            self.detector.world = world
+            self.run_manager.DefineWorldVolume(world, True)
+            self._attach_sensitive()
+            self.run_manager.GeometryHasBeenModified()
+        self._geometry_key = key
+
+    # ------------------------------------------------------------------ per-event bookkeeping
+    def _begin_event(self):
+        self.active_sd.buf = []
+        self.leak_sd.leak = 0.0
+
+    def _end_event(self, event):
+        pts = np.asarray(self.active_sd.buf, dtype=np.float64).reshape(-1, 4)
+        edep = np.zeros(len(self.stack.slabs))
+        if self.passive_hc_id >= 0:
+            hc = event.GetHCofThisEvent().GetHC(self.passive_hc_id)
+            for copy_no, value in hc:
+                edep[copy_no] += value
+        if len(pts):
+            # every active point lies inside exactly one slab: bin by depth
+            slab = np.searchsorted(self.stack.z_edges_mm, pts[:, 2], side="right") - 1
+            slab = np.clip(slab, 0, len(self.stack.slabs) - 1)
+            edep += np.bincount(slab, weights=pts[:, 3], minlength=len(edep))
+        self._out_points.append(pts)
+        self._out_edep.append(edep)
+        self._out_leak.append(self.leak_sd.leak)
+
+    # ------------------------------------------------------------------ running
+    def run(self, energy_gev, theta, phi, particle: int, stack: Stack, seed: int, *,
+            transverse_mm=1000.0, progress=None) -> EventRecord:
+        """Simulate one shower per entry of ``energy_gev``/``theta``/``phi`` (radians).
+
+        ``progress``: an object with ``update(n)`` (a tqdm bar) advanced every 10 events.
+        """
+        g4 = self.g4
+        energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
+        n = len(energy_gev)
+        theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,))
+        phi = np.broadcast_to(np.asarray(phi, dtype=np.float64), (n,))
+        particle = int(particle)
+        if particle not in PDG_TO_G4:
+            raise ValueError(f"the geant4 engine cannot shoot PDG {particle}; "
+                             f"supported: {sorted(PDG_TO_G4)}")
+        if particle in HADRONS and self.physics == "em":
+            raise ValueError(f"PDG {particle} is a hadron: the offline 'em' physics list has no "
+                             "hadronic interactions (see docs/geant4.md on pions)")
+        if np.any(~np.isfinite(energy_gev)) or np.any(energy_gev <= 0):
+            raise ValueError("incident energies must be positive numbers of GeV")
+        if np.any(np.abs(theta) >= 0.5 * math.pi):
+            raise ValueError("theta is the angle to the stack normal and must be below 90 degrees "
+                             "(pi/2 rad)")
+        # one geometry per call: centred on the mean axis (slabs are wide enough for the spread)
+        self.set_geometry(stack, transverse_mm, float(np.mean(theta)), float(np.mean(phi)))
+        direction = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
+                              np.cos(theta)], axis=1)
+        # start 1 µm in front of the front face, inside the vacuum envelope
+        pos = -1e-3 * direction
+        pdef = g4.G4ParticleTable.GetParticleTable().FindParticle(PDG_TO_G4[particle])
+        self.actions.gun.jobs = {"seeds": _event_seeds(seed, n), "dir": direction, "pos": pos,
+                                 "energy_mev": energy_gev * 1000.0, "particle_def": pdef}
+        self._out_points, self._out_edep, self._out_leak = [], [], []
+        # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
+        chunk = n if progress is None else max(1, min(n, 10))
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            self.actions.gun.offset = start
+            self.run_manager.BeamOn(stop - start)
+            if progress is not None:
+                progress.update(stop - start)
+        counts = np.array([len(p) for p in self._out_points], dtype=np.int64)
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        points = np.concatenate(self._out_points) if n else np.zeros((0, 4))
+        return EventRecord(points=points, ptr=ptr, slab_edep_mev=np.stack(self._out_edep),
+                           leakage_mev=np.asarray(self._out_leak), active_steps=counts)
