@@ -152,14 +152,14 @@ class Showers:
                              f"ptr[{i + 1}] = {ptr[i + 1].item()})")
         if ptr[-1].item() != p.shape[0]:
             raise ValueError(f"ptr ends at {ptr[-1].item()} but there are {p.shape[0]} points")
-        bad = ~torch.isfinite(p)
-        if bad.any():
+        # cheap reductions first (no [P, F] temporaries); the exact search only on failure
+        if p.numel() and not torch.isfinite(p.sum(dim=0)).all() and (bad := ~torch.isfinite(p)).any():
             row, col = (int(v) for v in torch.nonzero(bad)[0])
             kind = "NaN" if torch.isnan(p[row, col]) else "infinite value"
             raise ValueError(f"shower {self._shower_of(row)}: {kind} in point feature "
                              f"{self.feature_names[col]!r} (point {row})")
-        neg = p[:, 3] < 0
-        if neg.any():
+        if p.shape[0] and p[:, 3].min() < 0:
+            neg = p[:, 3] < 0
             row = int(torch.nonzero(neg)[0])
             raise ValueError(f"shower {self._shower_of(row)}: negative energy "
                              f"{p[row, 3].item():g} in point feature 'e' (point {row})")

@@ -112,8 +112,13 @@ def _condition_columns(conditions: dict[str, np.ndarray]) -> dict[str, pa.Array]
 
 def _write_table(path, table: pa.Table, row_group_size: int, compression: str) -> Path:
     path = Path(path)
+    # Dictionary encoding never pays for continuous floats and costs write time; it still
+    # serves the repetitive scalar conditions (particle, angles of a fixed-angle set).
+    list_columns = [f.name for f in table.schema if pa.types.is_list(f.type)]
+    scalar_columns = [n for n in table.column_names if n not in list_columns]
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression)
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression,
+                       use_dictionary=scalar_columns)
     return path
 
 
