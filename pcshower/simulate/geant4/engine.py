@@ -37,6 +37,8 @@ __all__ = ["Geant4Engine", "EventRecord", "get_engine", "PDG_TO_G4"]
 PDG_TO_G4 = {22: "gamma", 11: "e-", -11: "e+", 211: "pi+", -211: "pi-", 13: "mu-", -13: "mu+",
              2212: "proton", 2112: "neutron"}
 HADRONS = {211, -211, 2212, 2112}
+#: Geant4's own default production cut (mm).
+DEFAULT_CUT_MM = 0.7
 
 _ENGINE: "Geant4Engine | None" = None
 
@@ -125,7 +127,10 @@ class Geant4Engine:
                                  f"list name such as FTFP_BERT")
             plist = factory.GetReferencePhysList(physics)
         plist.SetVerboseLevel(0)
-        plist.SetDefaultCutValue(self.cut_mm * g4.mm)
+        if self.cut_mm != DEFAULT_CUT_MM:
+            # works, but the wheel then crashes while deleting its particle table at interpreter
+            # exit (geant4-pybind 0.1.3, seen with any cut change); the default needs no call
+            plist.SetDefaultCutValue(self.cut_mm * g4.mm)
         self._keep.append(plist)
         return plist
 
