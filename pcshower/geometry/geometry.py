@@ -1,0 +1,336 @@
+"""`Geometry`: one detector readout built from a YAML file, and the projection of showers onto its cells.
+
+Projection of a physics-frame shower (x, y in Molière radii, z in X0 along the axis, e as a
+fraction of the incident energy) follows DESIGN.md:
+
+1. scale to millimetres of the stack's homogeneous equivalent (R_M,eff, X0,eff; Grindhammer &
+   Peters, hep-ex/0001020, eqs. 7-9, :meth:`pcshower.physics.Stack.effective_medium`);
+2. rotate the shower axis to the incident direction in the local frame of the face it enters
+   (:mod:`pcshower.geometry.frames`) and translate it to the impact point;
+3. convert the depth along the face normal from X0 to mm through the real slab sequence
+   (:func:`pcshower.physics.sampling.depth_x0_to_mm`), so thin and thick absorbers are crossed at
+   the right depth;
+4. keep what the active layers see, with the sampling fraction and its fluctuations
+   (:func:`pcshower.physics.sampling.to_active_layers`);
+5. sum per cell. Points outside the readout (beyond the stack, off the module or the bins, in a
+   hole) are counted per shower in ``outside_points`` and their deposited energy (MeV, before
+   sampling) in ``outside_energy``; nothing is dropped silently.
+
+Detector-frame showers carry visible energies (MeV) at local positions (x, y transverse about the
+impact point, z depth from the front face, mm); they are translated to the impact point and
+assigned to cells directly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcshower.data.hits import CellHits
+from pcshower.data.showers import Showers
+from pcshower.geometry.frames import CylinderSurface, Modules, ShowerFrames, direction_vectors, rotation_to_local
+from pcshower.geometry.readouts import (CylindricalReadout, InclinedReadout, PlanarReadout,
+                                        inclined_stack_groups)
+from pcshower.geometry.schema import GeometryError, GeometrySpec
+from pcshower.physics.stack import Slab, Stack
+from pcshower.units import DETECTOR_FRAME, GEV_TO_MEV, PHYSICS_FRAME
+
+__all__ = ["Geometry", "Placement"]
+
+#: Largest number of cells for which ``cell_centers()`` without ids or a dense projection is allowed.
+MAX_DENSE_CELLS = 20_000_000
+
+
+class Placement:
+    """Explicit placement of a batch of showers: impact points [B, 3] (global mm) and incident
+    direction (``theta``, ``phi`` [B], radians, global). Use it to override the conditions stored
+    in the showers; ``position`` rows of all zeros mean "the default impact for that direction"."""
+
+    def __init__(self, position=None, theta=None, phi=None):
+        self.position = None if position is None else torch.as_tensor(position, dtype=torch.float64)
+        self.theta = None if theta is None else torch.as_tensor(theta, dtype=torch.float64)
+        self.phi = None if phi is None else torch.as_tensor(phi, dtype=torch.float64)
+
+    def resolve(self, showers: Showers):
+        n, dev = len(showers), showers.device
+
+        def pick(value, default, shape):
+            if value is None:
+                return default.to(torch.float64)
+            value = value.to(dev)
+            if value.ndim == len(shape) - 1:
+                value = value.expand(*shape)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"placement has shape {tuple(value.shape)}, expected {shape} "
+                                 f"for {n} showers")
+            return value
+
+        return (pick(self.position, showers.position, (n, 3)), pick(self.theta, showers.theta, (n,)),
+                pick(self.phi, showers.phi, (n,)))
+
+
+class Geometry:
+    """A calorimeter readout: material stack, cells, and placement in the detector.
+
+    Build with :func:`pcshower.geometry.load_geometry`. Attributes: ``name``, ``title``,
+    ``source`` (citations), ``stack`` (:class:`pcshower.physics.Stack`), ``readout`` (one of the
+    readout kinds), ``num_layers``, ``num_cells``.
+    """
+
+    def __init__(self, spec: GeometrySpec):
+        self.spec = spec
+        self.name, self.title, self.source, self.path = spec.name, spec.title, spec.source, spec.path
+        kind = spec.readout["kind"]
+        groups = inclined_stack_groups(spec.readout) if kind == "inclined" else spec.stack
+        self.stack, self._active_to_layer, self.layer_span_mm = _build_stack(groups, spec.name)
+        self.num_layers = int(self.layer_span_mm.shape[0])
+        self._eff = self.stack.effective_medium()
+        self.x0_eff_mm, self.rm_eff_mm = self._eff.x0_mm, self._eff.rm_mm
+        if kind == "planar":
+            self.modules = Modules(spec.placement)
+            self.readout = PlanarReadout(spec.readout, self.modules, self.num_layers, spec.path)
+            self.surface = None
+        elif kind == "cylindrical":
+            self.readout = CylindricalReadout(spec.readout)
+            if "cylinder_barrel" in spec.placement:
+                p = spec.placement["cylinder_barrel"]
+                self.surface, self.modules = CylinderSurface(p["inner_radius_mm"], p["half_length_mm"]), None
+            else:
+                self.modules, self.surface = Modules(spec.placement), None
+        else:
+            self.readout = InclinedReadout(spec.readout)
+            self.surface = CylinderSurface(self.readout.rmin, self.readout.half_length)
+            self.modules = None
+            if self.num_layers != self.readout.num_layers:
+                raise GeometryError(f"{spec.path}: derived stack has {self.num_layers} layers, "
+                                    f"readout {self.readout.num_layers}")
+        self.num_cells = self.readout.num_cells
+        # depth of the middle of each readout layer's active material (for cell centres)
+        edges = self.stack.z_edges_mm
+        mids = 0.5 * (edges[:-1] + edges[1:])
+        act = self.stack.active_mask
+        lay = np.full(len(self.stack.slabs), -1)
+        lay[act] = self._active_to_layer
+        self.layer_depth_mm = torch.tensor([mids[lay == k].mean() for k in range(self.num_layers)],
+                                           dtype=torch.float64)
+
+    # ------------------------------------------------------------------ description
+    def __repr__(self) -> str:
+        return (f"Geometry({self.name!r}, readout={self.readout.kind}, layers={self.num_layers}, "
+                f"cells={self.num_cells}, depth={self.stack.total_x0:.2f} X0)")
+
+    def summary(self) -> dict:
+        """Plain numbers describing the geometry (for ``pcshower geometry show``)."""
+        out = {"name": self.name, "title": self.title, "file": str(self.path),
+               "readout": self.readout.kind, "layers": self.num_layers, "cells": self.num_cells,
+               **{k: v for k, v in self.stack.summary().items() if k not in ("name", "layers")}}
+        if self.modules is not None:
+            out["modules"] = len(self.modules)
+        out["source"] = self.source
+        return out
+
+    def cell_layer(self, cell_id) -> torch.Tensor:
+        """Readout layer index of each flat cell id."""
+        cell_id = torch.as_tensor(cell_id, dtype=torch.int64)
+        self._check_ids(cell_id)
+        return self.readout.cell_layer(cell_id.cpu()).to(cell_id.device)
+
+    def cell_centers(self, cell_id=None) -> torch.Tensor:
+        """``[N, 3]`` cell centres in mm (all cells, or those of ``cell_id``).
+
+        Planar and inclined readouts give global coordinates at the middle of the layer's active
+        material; CaloChallenge bins are relative to the impact point, so their centres are given
+        in the local frame (u, v, depth) of a shower entering at the origin.
+        """
+        if cell_id is None:
+            if self.num_cells > MAX_DENSE_CELLS:
+                raise ValueError(f"{self.name} has {self.num_cells} cells: pass the cell ids you need "
+                                 f"(cell_centers(ids)) instead of asking for all of them")
+            cell_id = torch.arange(self.num_cells)
+        cell_id = torch.as_tensor(cell_id, dtype=torch.int64)
+        self._check_ids(cell_id)
+        return self.readout.cell_centers(cell_id.cpu(), self.layer_depth_mm).to(cell_id.device)
+
+    def _check_ids(self, cell_id: torch.Tensor) -> None:
+        if cell_id.numel() and (int(cell_id.min()) < 0 or int(cell_id.max()) >= self.num_cells):
+            raise ValueError(f"cell ids must lie in [0, {self.num_cells}) for {self.name}, got "
+                             f"[{int(cell_id.min())}, {int(cell_id.max())}]")
+
+    # ------------------------------------------------------------------ placement
+    def _frames(self, position: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> ShowerFrames:
+        direction = direction_vectors(theta.double(), phi.double())
+        given = position.abs().sum(dim=1) > 0
+        if self.surface is not None:
+            point = self.surface.hit_by_ray(direction)
+            point = torch.where(given[:, None], position.double(), point)
+            return self.surface.frames(point, direction)
+        module, impact = self.modules.hit_by_ray(direction)
+        if given.any():
+            m2, i2 = self.modules.containing(position.double())
+            module = torch.where(given, m2, module)
+            impact = torch.where(given[:, None], i2, impact)
+        return self.modules.frames(module, impact, direction)
+
+    def default_impact(self, theta, phi) -> torch.Tensor:
+        """``[B, 3]`` point (mm) where a particle from the interaction point with direction
+        (``theta``, ``phi``, radians) enters the calorimeter face; NaN where it misses."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1)
+        phi = torch.as_tensor(phi, dtype=torch.float64).reshape(-1).expand_as(theta)
+        f = self._frames(torch.zeros(theta.numel(), 3, dtype=torch.float64), theta, phi)
+        point = f.origin + f.impact_uv[:, :1] * f.u + f.impact_uv[:, 1:] * f.v
+        return torch.where((f.module >= 0)[:, None], point, torch.full_like(point, math.nan))
+
+    def local_direction(self, theta, phi):
+        """``(theta_local, phi_local)``: the incident direction at the default impact point as the
+        angle to the face normal and the azimuth about it (radians). Identity for a single plane
+        facing +z; for a barrel, global theta = 90 deg is normal incidence. NaN where the
+        particle misses the calorimeter."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1)
+        phi = torch.as_tensor(phi, dtype=torch.float64).reshape(-1).expand_as(theta)
+        f = self._frames(torch.zeros(theta.numel(), 3, dtype=torch.float64), theta, phi)
+        miss = f.module < 0
+        nan = torch.full_like(f.theta_local, math.nan)
+        return torch.where(miss, nan, f.theta_local), torch.where(miss, nan, f.phi_local)
+
+    # ------------------------------------------------------------------ projection
+    def project(self, showers: Showers, placement: Placement | None = None, *,
+                generator: torch.Generator | None = None, fluctuate: bool = True,
+                dense: bool = False):
+        """Cell hits of a batch of showers in this readout (see the module docstring).
+
+        Args:
+            showers: physics- or detector-frame showers (``showers.frame``).
+            placement: impact points and directions; by default each shower's ``position``
+                (when non-zero) or the default impact of its (``theta``, ``phi``).
+            generator: ``torch.Generator`` for the sampling fluctuations (same seed, same hits).
+            fluctuate: draw sampling fluctuations (physics frame only).
+            dense: return a ``[B, num_cells]`` tensor (MeV) instead of :class:`CellHits`.
+        """
+        if not isinstance(showers, Showers):
+            raise TypeError(f"project() takes a pcshower Showers batch, got {type(showers).__name__}")
+        if showers.frame == DETECTOR_FRAME and showers.geometry not in (None, self.name):
+            raise ValueError(f"these detector-frame showers belong to geometry {showers.geometry!r}, "
+                             f"not {self.name!r}: project physics-frame showers, or use their own geometry")
+        if dense and self.num_cells > MAX_DENSE_CELLS:
+            raise ValueError(f"{self.name} has {self.num_cells} cells, too many for a dense "
+                             f"[showers, cells] tensor; use the sparse CellHits (dense=False)")
+        position, theta, phi = (placement or Placement()).resolve(showers)
+        frames = self._frames(position, theta, phi)
+        batch = showers.batch
+        pts = showers.points
+        dev = pts.device
+        n = len(showers)
+        if showers.frame == PHYSICS_FRAME:
+            local, depth, energy, visible, layer = self._physics_points(showers, frames, batch,
+                                                                         generator, fluctuate)
+        else:
+            local = torch.stack([pts[:, 0].double() + frames.impact_uv[batch, 0],
+                                 pts[:, 1].double() + frames.impact_uv[batch, 1],
+                                 pts[:, 2].double()], dim=-1)
+            depth = self._sampling_depth(local, frames, batch)
+            energy = pts[:, 3].double()
+            visible, layer = energy, self._layer_of_depth(depth)
+        module = frames.module[batch]
+        if self.readout.kind == "inclined":
+            where = frames.to_global(local, batch)
+        elif self.readout.kind == "cylindrical":
+            where = local[:, :2] - frames.impact_uv[batch]
+        else:
+            where = local[:, :2]
+        # acceptance: every point must fall on a cell of its layer (the sampling cell's layer, or
+        # for passive points the read-out group its depth lies in); unread material is inside
+        span_layer = self._layer_of_depth(depth)
+        eff_layer = torch.where(layer >= 0, layer, span_layer)
+        in_depth = (depth >= 0) & (depth < self.stack.total_thickness_mm) & (module >= 0)
+        cell = self.readout.cell_index(eff_layer, where, module)
+        inside = in_depth & ((cell >= 0) | (eff_layer < 0))
+        keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
+        outside = ~inside
+        out_e = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(
+            0, batch[outside], energy[outside])
+        out_n = torch.bincount(batch[outside], minlength=n)
+        hits = _sum_per_cell(batch[keep], cell[keep], visible[keep], n, self.num_cells)
+        cell_id, e_cell, ptr = hits
+        result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=ptr,
+                          num_cells=self.num_cells, geometry=self.name,
+                          outside_energy=out_e.to(torch.float32), outside_points=out_n,
+                          metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
+        return result.to_dense() if dense else result
+
+    def _physics_points(self, showers, frames, batch, generator, fluctuate):
+        from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
+
+        pts = showers.points
+        shower_mm = torch.stack([pts[:, 0].double() * self.rm_eff_mm, pts[:, 1].double() * self.rm_eff_mm,
+                                 pts[:, 2].double() * self.x0_eff_mm], dim=-1)
+        rot = rotation_to_local(frames.theta_local, frames.phi_local)  # [B, 3, 3]
+        local = torch.einsum("pij,pj->pi", rot[batch], shower_mm)
+        depth_mm = depth_x0_to_mm(local[:, 2] / self.x0_eff_mm, self.stack)
+        local = torch.stack([local[:, 0] + frames.impact_uv[batch, 0],
+                             local[:, 1] + frames.impact_uv[batch, 1], depth_mm], dim=-1)
+        energy = pts[:, 3].double() * (showers.energy.double() * GEV_TO_MEV)[batch]
+        depth = self._sampling_depth(local, frames, batch)
+        inside = (depth >= 0) & (depth < self.stack.total_thickness_mm)
+        z = torch.where(inside, depth, torch.full_like(depth, -1.0))
+        active, visible = to_active_layers(z, energy, batch, self.stack, fluctuate=fluctuate,
+                                           generator=generator)
+        table = torch.as_tensor(self._active_to_layer, device=z.device)
+        layer = torch.where(active >= 0, table[active.clamp_min(0)], torch.full_like(active, -1))
+        return local, depth, energy, visible, layer
+
+    def _sampling_depth(self, local: torch.Tensor, frames: ShowerFrames, batch: torch.Tensor):
+        """Depth (mm) used for layers and sampling: along the face normal, or the radial distance
+        from the inner radius for the inclined barrel."""
+        if self.readout.kind != "inclined":
+            return local[:, 2]
+        g = frames.to_global(local, batch)
+        return torch.hypot(g[:, 0], g[:, 1]) - self.readout.rmin
+
+    def _layer_of_depth(self, depth: torch.Tensor) -> torch.Tensor:
+        """Readout layer whose group spans ``depth`` (mm), -1 for unread material or outside."""
+        span = torch.as_tensor(self.layer_span_mm, dtype=torch.float64, device=depth.device)
+        k = torch.searchsorted(span[:, 0].contiguous(), depth.contiguous(), right=True) - 1
+        kk = k.clamp(0, span.shape[0] - 1)
+        ok = (k >= 0) & (depth < span[kk, 1])
+        return torch.where(ok, kk, torch.full_like(kk, -1))
+
+
+def _build_stack(groups, name: str):
+    """Flatten stack groups into a :class:`Stack`, the readout layer of each active slab and the
+    depth span [L, 2] (mm) of each readout layer; gaps between groups are filled with air."""
+    slabs, active_to_layer, spans = [], [], []
+    z = 0.0
+    layer = 0
+    for g in groups:
+        if g.start_mm is not None and g.start_mm > z + 1e-9:
+            slabs.append(Slab("Air", g.start_mm - z, False))
+            z = g.start_mm
+        for _ in range(g.repeat):
+            start = z
+            for material, thickness, active in g.slabs * g.sublayers:
+                slabs.append(Slab(material, thickness, bool(active and g.readout)))
+                if active and g.readout:
+                    active_to_layer.append(layer)
+                z += thickness
+            if g.readout:
+                spans.append((start, z))
+                layer += 1
+    return (Stack(tuple(slabs), name), np.asarray(active_to_layer, dtype=np.int64),
+            np.asarray(spans, dtype=np.float64).reshape(-1, 2))
+
+
+def _sum_per_cell(batch: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor, n: int,
+                  num_cells: int):
+    """Sum ``energy`` per (shower, cell): ``(cell_id [H], energy [H], ptr [n+1])``, cells sorted
+    within each shower."""
+    key = batch * num_cells + cell
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), dtype=energy.dtype, device=energy.device).index_add_(0, inverse, energy)
+    shower = torch.div(uniq, num_cells, rounding_mode="floor")
+    counts = torch.bincount(shower, minlength=n)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=energy.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return uniq - shower * num_cells, summed, ptr
