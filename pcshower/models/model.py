@@ -153,11 +153,16 @@ class ShowerModel(nn.Module):
         return c_skip[batch, None] * x + c_out[batch, None] * f
 
     def point_loss(self, showers: Showers, cond: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """EDM loss on the points of a batch of training showers (mean over points)."""
+                   generator: torch.Generator | None = None,
+                   sigma: float | torch.Tensor | None = None) -> torch.Tensor:
+        """EDM loss on the points of a batch of training showers (mean over points); noise
+        levels drawn from the training distribution, or the given ``sigma`` (per shower or one)."""
         x = self.normalize_points(showers.points)
         batch, counts = showers.batch, showers.num_points
-        sigma = self.edm.sample_sigma(len(showers), generator, x.device)
+        if sigma is None:
+            sigma = self.edm.sample_sigma(len(showers), generator, x.device)
+        else:
+            sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(showers))
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts)
         w = self.edm.loss_weight(sigma)[batch]

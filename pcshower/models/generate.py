@@ -1,0 +1,187 @@
+"""`pcshower.generate`: showers from the shipped (or a given) model, placed in a detector's cells.
+
+Angles are in DEGREES here (the API edge) and radians inside pcshower; energies in GeV.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcshower.data.showers import Showers
+from pcshower.units import deg_to_rad, particle_code, particle_name
+
+__all__ = ["generate", "load_default_model", "default_model_path", "resolve_model"]
+
+#: Showers generated per pass when ``batch_size`` is not given (bounds memory: with at most
+#: ``max_points`` points per shower the network sees at most 1024 × max_points points at once).
+DEFAULT_BATCH_SIZE = 1024
+_RANGE_TOLERANCE = 1e-3  # relative slack on the training range (float round-off)
+
+
+def default_model_path() -> Path:
+    """Path of the default checkpoint shipped inside the package."""
+    return Path(str(files("pcshower") / "weights" / "default.pt"))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(path: str, device: str):
+    from pcshower.models.checkpoint import load_model
+
+    return load_model(path, device=device)
+
+
+def load_default_model(device=None):
+    """The shipped default model (loaded once per device and cached)."""
+    path = default_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"the default model {path} is missing from this installation; "
+                                f"reinstall pcshower or pass model=PATH to a checkpoint")
+    return _cached_model(str(path), str(torch.device(device or "cpu")))
+
+
+def resolve_model(model=None, device=None):
+    """A ShowerModel from ``None`` (shipped default), a checkpoint path, or a model instance."""
+    from pcshower.models.model import ShowerModel
+
+    if model is None:
+        return load_default_model(device)
+    if isinstance(model, ShowerModel):
+        return model.to(device) if device is not None else model
+    if isinstance(model, (str, os.PathLike)):
+        return _cached_model(str(Path(model).resolve()), str(torch.device(device or "cpu")))
+    raise TypeError(f"model must be None, a checkpoint path or a ShowerModel, got {type(model).__name__}")
+
+
+def _check_range(model, energy: np.ndarray, theta: np.ndarray, allow: bool) -> None:
+    checks = [("energy", energy, model.energy_range, "GeV", 1.0),
+              ("angle (theta)", theta, model.theta_range, "deg", 180.0 / math.pi)]
+    for name, values, (lo, hi), unit, scale in checks:
+        tol = _RANGE_TOLERANCE * max(abs(lo), abs(hi), 1e-9)
+        bad = (values < lo - tol) | (values > hi + tol)
+        if bad.any():
+            v = float(values[bad][0]) * scale
+            msg = (f"{name} {v:g} {unit} is outside the range the model was trained on "
+                   f"[{lo * scale:g}, {hi * scale:g}] {unit}")
+            if not allow:
+                raise ValueError(msg + "; pass allow_extrapolation=True (CLI: --allow-extrapolation) "
+                                       "to generate anyway")
+            warnings.warn(msg + "; extrapolating", stacklevel=3)
+
+
+def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0, position=None,
+             particle="photon", steps: int | None = None, seed: int | None = None, device=None,
+             model=None, batch_size: int | None = None, sampler: str | None = None,
+             allow_extrapolation: bool = False, progress: bool = False) -> Showers:
+    """Generate showers with a trained model and (optionally) project them on a detector.
+
+    Args:
+        energy: incident energy in GeV, scalar or array.
+        angle: polar angle theta of the incident direction in DEGREES, scalar or array.
+        geometry: geometry name or object (``pcshower.load_geometry``); ``None`` returns the
+            model's physics-frame showers (x, y in R_M, z in X0, e fraction of incident energy).
+        n: showers per condition: conditions are broadcast to a common length ``L`` and each is
+            repeated ``n`` times, giving ``L * n`` showers.
+        phi: azimuth of the incident direction in DEGREES.
+        position: impact point(s) in mm, ``[3]`` or ``[L, 3]``; ``None`` lets the geometry
+            choose its default impact point.
+        particle: particle name or PDG code; must be one the model was trained on.
+        steps: diffusion sampler steps (default: the model's, see its config).
+        seed: random seed; the same seed and ``batch_size`` give identical showers.
+        device: torch device (default: CUDA when available, else CPU).
+        model: checkpoint path or ShowerModel (default: the model shipped with pcshower).
+        batch_size: showers generated per pass (memory bound; default 1024).
+        sampler: ``"heun"`` or ``"euler"`` (default: the model's).
+        allow_extrapolation: warn instead of failing for conditions outside the training range.
+        progress: show a tqdm progress bar over the passes.
+
+    Returns:
+        ``Showers``. With a geometry: detector frame (mm, MeV) as placed by the geometry, with
+        the readout's cell hits attached as the attribute ``showers.hits``
+        (:class:`~pcshower.data.CellHits`, MeV per cell). Without: physics frame, ``hits`` None.
+        ``showers.metadata`` records model, seed, steps and sampler.
+    """
+    from tqdm.auto import tqdm
+
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = resolve_model(model, device)
+    e_arr = np.atleast_1d(np.asarray(energy, dtype=np.float64))
+    theta_arr = np.atleast_1d(deg_to_rad(angle))
+    phi_arr = np.atleast_1d(deg_to_rad(phi))
+    try:
+        e_arr, theta_arr, phi_arr = np.broadcast_arrays(e_arr, theta_arr, phi_arr)
+    except ValueError:
+        raise ValueError(f"energy ({e_arr.size}), angle ({theta_arr.size}) and phi ({phi_arr.size}) "
+                         f"values cannot be broadcast to one length") from None
+    if not np.all(np.isfinite(e_arr)) or np.any(e_arr <= 0):
+        raise ValueError("energy must be finite and > 0 GeV")
+    if np.any(theta_arr < 0) or np.any(theta_arr > math.pi):
+        raise ValueError("angle (theta) must lie in [0, 180] degrees")
+    code = particle_code(particle)
+    trained = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("particles")
+    if trained and code not in trained:
+        names = ", ".join(particle_name(p) for p in trained)
+        msg = f"the model was trained on {names} only, not {particle_name(code)}"
+        if not allow_extrapolation:
+            raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
+        warnings.warn(msg, stacklevel=2)
+    _check_range(net, e_arr, theta_arr, allow_extrapolation)
+    e_arr, theta_arr, phi_arr = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr))
+    total = e_arr.size
+    pos = None
+    if position is not None:
+        pos = np.asarray(position, dtype=np.float64)
+        if pos.shape == (3,):
+            pos = np.broadcast_to(pos, (total // n, 3))
+        if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] != total // n:
+            raise ValueError(f"position must be [3] or [{total // n}, 3] mm, got shape {pos.shape}")
+        pos = np.repeat(pos, n, axis=0)
+
+    if seed is None:
+        seed = int(torch.randint(2 ** 62, (1,)))
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    size = int(batch_size or DEFAULT_BATCH_SIZE)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parts = []
+    for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
+        sl = slice(start, start + size)
+        parts.append(net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps,
+                                sampler=sampler, generator=gen))
+    showers = Showers.concat(parts) if parts else None
+    showers = showers._replace(particle=torch.full((total,), code, dtype=torch.int64,
+                                                   device=showers.device))
+    if pos is not None:
+        showers = showers._replace(position=torch.as_tensor(pos, dtype=torch.float64,
+                                                            device=showers.device))
+    info = getattr(net, "checkpoint_info", {}) or {}
+    showers.metadata.update({
+        "generator": "pcshower.generate", "seed": int(seed),
+        "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
+        "model": info.get("path", "in-memory model"),
+        "model_sha256": info.get("sha256"), "particle": particle_name(code)})
+    showers.hits = None
+    if geometry is None:
+        return showers
+    return _project(showers, geometry, pos is not None)
+
+
+def _project(showers: Showers, geometry, has_position: bool) -> Showers:
+    from pcshower.geometry import load_geometry
+
+    geom = load_geometry(geometry) if isinstance(geometry, (str, os.PathLike)) else geometry
+    hits = geom.project(showers)
+    detector = geom.to_detector(showers)
+    detector.metadata.update(showers.metadata)
+    detector.hits = hits
+    return detector

@@ -1,0 +1,112 @@
+"""ShowerFlow learns a known distribution; the shape codec and the calibration keep their promises."""
+
+import pytest
+import torch
+
+from pcshower.models.calibration import calibrate_points
+from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, largest_remainder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small nets on a shared machine run fastest (and reproducibly) on one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_flow_reproduces_moments_of_a_conditional_2d_gaussian():
+    # y | c ~ N(mean(c), cov): mean = (2c, -c), std (0.5, 1.0), correlation 0.8
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    chol = torch.tensor([[0.5, 0.0], [0.8, 0.6]])
+
+    def draw(c):
+        z = torch.randn(len(c), 2, generator=g)
+        return torch.stack([2 * c[:, 0], -c[:, 0]], 1) + z @ chol.T
+
+    flow = ShowerFlow(2, 1, transforms=2, hidden=(32, 32), bins=8)
+    opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 600)
+    for _ in range(600):
+        c = torch.rand(512, 1, generator=g) * 2 - 1
+        loss = -flow.log_prob(draw(c), c).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        for cval in (-0.5, 0.5):
+            c = torch.full((8000, 1), cval)
+            s = flow.sample(c, torch.Generator().manual_seed(1))
+            mean, cov = s.mean(0), torch.cov(s.T)
+            assert torch.allclose(mean, torch.tensor([2 * cval, -cval]), atol=0.03), mean
+            assert torch.allclose(cov, chol @ chol.T, atol=0.04), cov
+    # reproducible sampling: same generator state → same draws
+    c = torch.zeros(5, 1)
+    assert torch.equal(flow.sample(c, torch.Generator().manual_seed(3)),
+                       flow.sample(c, torch.Generator().manual_seed(3)))
+
+
+def test_largest_remainder_sums_exactly():
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(50, 7, generator=g)
+    f = f / f.sum(1, keepdim=True)
+    total = torch.randint(0, 500, (50,), generator=g)
+    counts = largest_remainder(f, total)
+    assert torch.equal(counts.sum(1), total) and (counts >= 0).all()
+    assert ((counts - f * total[:, None]).abs() < 1 + 1e-9).all()
+
+
+def _toy(g, counts):
+    b = len(counts)
+    batch = torch.repeat_interleave(torch.arange(b), counts)
+    p = int(counts.sum())
+    pts = torch.stack([torch.randn(p, generator=g), torch.randn(p, generator=g),
+                       torch.rand(p, generator=g) * 12, torch.rand(p, generator=g) + 0.01], 1)
+    return pts, batch
+
+
+def test_codec_roundtrip_and_positivity():
+    g = torch.Generator().manual_seed(0)
+    codec = ShapeCodec(torch.linspace(0, 12, 7))
+    counts = torch.tensor([40, 3, 100])
+    pts, batch = _toy(g, counts)
+    shape = codec.measure(pts, batch, 3)
+    assert torch.equal(shape.num_points, counts) and torch.equal(shape.slice_points.sum(1), counts)
+    back = codec.decode(codec.encode(shape, torch.full((3,), 0.3)))
+    assert torch.equal(back.num_points, counts)
+    assert torch.equal(back.slice_points, shape.slice_points)
+    assert torch.allclose(back.slice_energy, shape.slice_energy, atol=1e-5)
+    assert torch.allclose(back.visible_energy, shape.visible_energy, rtol=1e-5)
+    # arbitrary feature vectors decode to valid shapes (positive energies, consistent counts)
+    rnd = codec.decode(torch.randn(20, codec.num_features, generator=g) * 3)
+    assert (rnd.num_points >= 1).all() and (rnd.visible_energy > 0).all()
+    assert torch.equal(rnd.slice_points.sum(1), rnd.num_points)
+    assert torch.allclose(rnd.slice_energy.sum(1), torch.ones(20))
+
+
+def test_calibration_hits_the_sampled_shape():
+    g = torch.Generator().manual_seed(0)
+    edges = torch.linspace(0, 12, 7)
+    codec = ShapeCodec(edges)
+    counts = torch.tensor([30, 1, 64])
+    pts, batch = _toy(g, counts)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    frac_n = torch.rand(3, 6, generator=g)
+    frac_n[0, 2] = 0  # an empty slice
+    frac_n = frac_n / frac_n.sum(1, keepdim=True)
+    frac_e = torch.rand(3, 6, generator=g)
+    frac_e = frac_e / frac_e.sum(1, keepdim=True)
+    target = ShowerShape(counts, torch.tensor([0.9, 0.5, 0.02]), torch.tensor(
+        [[0.3, -0.2, 5.0], [0.0, 0.0, 1.0], [-1.0, 2.0, 7.0]]), frac_e, largest_remainder(frac_n, counts))
+    out = calibrate_points(pts, ptr, target, edges)
+    got = codec.measure(out, batch, 3)
+    assert torch.equal(got.slice_points, target.slice_points)
+    assert torch.allclose(got.visible_energy, target.visible_energy, rtol=1e-5)
+    assert torch.allclose(got.cog[:, :2], target.cog[:, :2], atol=1e-5)
+    has = target.slice_points[0] > 0  # slices that got points carry their energy share
+    expect = frac_e[0] * has / (frac_e[0] * has).sum()
+    assert torch.allclose(got.slice_energy[0], expect, atol=1e-5)
+    assert ((out[:, 2] >= 0) & (out[:, 2] <= 12)).all() and (out[:, 3] >= 0).all()
