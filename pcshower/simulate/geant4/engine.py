@@ -139,11 +139,15 @@ class Geant4Engine:
         g4 = self.g4
         engine = self
 
-        class ActiveSD(g4.G4VSensitiveDetector):
-            """Appends (x, y, z, e) of every depositing step in an active slab."""
+        class ActiveScorer(g4.G4VPrimitiveScorer):
+            """Appends (x, y, z, e) of every depositing charged step in an active slab.
+
+            A primitive scorer rather than a sensitive detector because scorers take a C++
+            filter: Python then runs for charged steps only (~10% of the steps in silicon).
+            """
 
             def __init__(self, name):
-                super().__init__(name)
+                super().__init__(name, 0)
                 self.buf = []
 
             def ProcessHits(self, step, history):
@@ -195,6 +199,7 @@ class Geant4Engine:
             def GeneratePrimaries(self, event):
                 i = self.offset + event.GetEventID()
                 j = self.jobs
+                engine._direction = j["dir"][i]
                 seeds = j["seeds"][i]
                 g4.HepRandom.setTheSeeds([int(seeds[0]), int(seeds[1]), 0])
                 d = j["dir"][i]
@@ -227,7 +232,7 @@ class Geant4Engine:
                 self.SetUserAction(self.gun)
                 self.SetUserAction(self.event_action)
 
-        self._ActiveSD, self._LeakageSD, self._Detector, self._Actions = ActiveSD, LeakageSD, Detector, Actions
+        self._ActiveScorer, self._LeakageSD, self._Detector, self._Actions = ActiveScorer, LeakageSD, Detector, Actions
         self.active_sd = None
         self.leak_sd = None
         self.passive_mfd = None
@@ -277,20 +282,36 @@ class Geant4Engine:
         g4 = self.g4
         sdm = g4.G4SDManager.GetSDMpointer()
         v = self._geometry_version
-        self.active_sd = self._ActiveSD(f"pcsActive{v}")
-        self.leak_sd = self._LeakageSD(f"pcsLeak{v}")
+        keep = []
+        # active slabs: Python only for charged steps (~10% of the steps in Si, ~94% of its
+        # energy); photon steps (local deposits of below-cut electrons) are summed in C++
+        active = g4.G4MultiFunctionalDetector(f"pcsActive{v}")
+        self.active_sd = self._ActiveScorer("points")
+        charged = g4.G4SDChargedFilter(f"pcsCharged{v}")
+        self.active_sd.SetFilter(charged)
+        neutral_scorer = g4.G4PSEnergyDeposit("neutral", 0)
+        neutral = g4.G4SDNeutralFilter(f"pcsNeutral{v}")
+        neutral_scorer.SetFilter(neutral)
+        active.RegisterPrimitive(self.active_sd)
+        active.RegisterPrimitive(neutral_scorer)
+        sdm.AddNewDetector(active)
+        # passive slabs: C++ only
         self.passive_mfd = g4.G4MultiFunctionalDetector(f"pcsPassive{v}")
         scorer = g4.G4PSEnergyDeposit("edep", 0)
         self.passive_mfd.RegisterPrimitive(scorer)
-        for sd in (self.active_sd, self.leak_sd, self.passive_mfd):
-            sdm.AddNewDetector(sd)
+        sdm.AddNewDetector(self.passive_mfd)
+        self.leak_sd = self._LeakageSD(f"pcsLeak{v}")
+        sdm.AddNewDetector(self.leak_sd)
         for lv in self.active_lvs:
-            lv.SetSensitiveDetector(self.active_sd)
+            lv.SetSensitiveDetector(active)
         for lv in self.passive_lvs:
             lv.SetSensitiveDetector(self.passive_mfd)
         self.world_lv.SetSensitiveDetector(self.leak_sd)
         self.passive_hc_id = sdm.GetCollectionID(f"pcsPassive{v}/edep") if self.passive_lvs else -1
-        self._keep.append([self.active_sd, self.leak_sd, self.passive_mfd, scorer])
+        self.neutral_hc_id = sdm.GetCollectionID(f"pcsActive{v}/neutral") if self.active_lvs else -1
+        keep += [self.active_sd, charged, neutral_scorer, neutral, active,
+                 self.passive_mfd, scorer, self.leak_sd]
+        self._keep.append(keep)
 
     def set_geometry(self, stack: Stack, transverse_mm, theta: float, phi: float) -> None:
         """Build (or rebuild, when anything changed) the geometry for ``stack``."""
@@ -321,18 +342,33 @@ class Geant4Engine:
 
     def _end_event(self, event):
         pts = np.asarray(self.active_sd.buf, dtype=np.float64).reshape(-1, 4)
-        edep = np.zeros(len(self.stack.slabs))
-        if self.passive_hc_id >= 0:
-            hc = event.GetHCofThisEvent().GetHC(self.passive_hc_id)
-            for copy_no, value in hc:
-                edep[copy_no] += value
+        n_slabs = len(self.stack.slabs)
+        passive = np.zeros(n_slabs)
+        neutral = np.zeros(n_slabs)
+        hce = event.GetHCofThisEvent()
+        for hc_id, target in ((self.passive_hc_id, passive), (self.neutral_hc_id, neutral)):
+            if hc_id >= 0:
+                for copy_no, value in hce.GetHC(hc_id):
+                    target[copy_no] += value
+        charged = np.zeros(n_slabs)
         if len(pts):
-            # every active point lies inside exactly one slab: bin by depth
+            # every active point lies inside exactly one slab: find it by depth
             slab = np.searchsorted(self.stack.z_edges_mm, pts[:, 2], side="right") - 1
-            slab = np.clip(slab, 0, len(self.stack.slabs) - 1)
-            edep += np.bincount(slab, weights=pts[:, 3], minlength=len(edep))
+            slab = np.clip(slab, 0, n_slabs - 1)
+            charged = np.bincount(slab, weights=pts[:, 3], minlength=n_slabs)
+            # photon-step deposits go to the charged points of their slab, in proportion
+            scale = np.divide(charged + neutral, charged, out=np.ones(n_slabs), where=charged > 0)
+            pts[:, 3] *= scale[slab]
+        orphan = (neutral > 0) & (charged <= 0)
+        if orphan.any():  # a slab with photon deposits only: one point on the axis, mid-slab
+            edges = self.stack.z_edges_mm
+            z = 0.5 * (edges[:-1] + edges[1:])[orphan]
+            d = self._direction
+            extra = np.stack([z * d[0] / d[2], z * d[1] / d[2], z, neutral[orphan]], axis=1)
+            pts = np.concatenate([pts, extra])
+            pts = pts[np.argsort(pts[:, 2], kind="stable")] if len(pts) else pts
         self._out_points.append(pts)
-        self._out_edep.append(edep)
+        self._out_edep.append(passive + charged + neutral)
         self._out_leak.append(self.leak_sd.leak)
 
     # ------------------------------------------------------------------ running
