@@ -166,20 +166,23 @@ def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) 
     Marsaglia & Tsang, "A simple method for generating gamma variables", ACM TOMS 26 (2000) 363,
     vectorised: every element is proposed until accepted (acceptance > 95 % for shape >= 1); for
     shape < 1 the variate of shape + 1 is multiplied by U^(1/shape). ``torch.distributions.Gamma``
-    cannot take a generator, hence this function. Shapes of 0 give 0.
+    cannot take a generator, hence this function. Shapes of 0 give 0. Computes in the dtype of
+    ``shape`` (float64 for integer shapes).
     """
-    shape = shape.to(torch.float64)
+    if not shape.is_floating_point():
+        shape = shape.to(torch.float64)
+    dtype = shape.dtype
     small = shape < 1.0
     a = torch.where(small, shape + 1.0, shape)
     d = a - 1.0 / 3.0
     c = torch.rsqrt(9.0 * d)
 
     def propose(dd, cc):
-        x = torch.randn(dd.shape, dtype=torch.float64, device=dd.device, generator=generator)
-        u = torch.rand(dd.shape, dtype=torch.float64, device=dd.device, generator=generator)
+        x = torch.randn(dd.shape, dtype=dtype, device=dd.device, generator=generator)
+        u = torch.rand(dd.shape, dtype=dtype, device=dd.device, generator=generator)
         v = (1.0 + cc * x) ** 3
         ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v
-                        + dd * torch.log(v.clamp_min(1e-300)))
+                        + dd * torch.log(v.clamp_min(1e-30)))
         return dd * v, ok
 
     out, ok = propose(d, c)  # the first round runs on whole tensors, later rounds on rejects
@@ -189,9 +192,9 @@ def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) 
         out[todo[ok]] = value[ok]
         todo = todo[~ok]
     if small.any():
-        u = torch.rand(shape.shape, dtype=torch.float64, device=shape.device, generator=generator)
-        out = torch.where(small, out * u ** (1.0 / shape.clamp_min(1e-300)), out)
-    return torch.where(shape > 0, out, torch.zeros((), dtype=torch.float64, device=shape.device))
+        u = torch.rand(shape.shape, dtype=dtype, device=shape.device, generator=generator)
+        out = torch.where(small, out * u ** (1.0 / shape.clamp_min(1e-30)), out)
+    return torch.where(shape > 0, out, torch.zeros((), dtype=dtype, device=shape.device))
     return out
 
 
