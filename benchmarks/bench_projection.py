@@ -1,0 +1,80 @@
+"""Projection throughput (points per second) of geometry adapters on one CPU core, and on a GPU.
+
+Usage: python benchmarks/bench_projection.py [--geometry ild] [--showers 200] [--points 5000]
+The showers are synthetic physics-frame clouds with shower-like shapes (Gamma-distributed depth,
+Gaussian core of 1 R_M), normally incident on the barrel; timing is the median of ``--repeat``
+calls of ``Geometry.project`` after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from pcshower import Showers
+from pcshower.geometry import load_geometry
+
+
+def synthetic_showers(n: int, points: int, device, seed: int = 0) -> Showers:
+    g = torch.Generator().manual_seed(seed)
+    total = n * points
+    depth = torch.distributions.Gamma(torch.tensor(4.0), torch.tensor(0.5)).sample((total,))
+    xy = torch.randn(total, 2, generator=g)
+    e = torch.full((total,), 1.0 / points)
+    pts = torch.cat([xy, depth[:, None], e[:, None]], dim=1)
+    theta = {"ild": math.pi / 2, "cld": math.pi / 2, "allegro": math.pi / 2}
+    return Showers.from_counts(pts, [points] * n, energy=torch.full((n,), 50.0),
+                               theta=theta.get(kind_of(ARGS.geometry), 0.0), phi=0.1).to(device)
+
+
+def kind_of(name):
+    return name if name in ("ild", "cld", "allegro") else "plane"
+
+
+def time_projection(geometry, showers, repeat: int, fluctuate: bool, device) -> float:
+    def run():
+        gen = torch.Generator(device=device).manual_seed(1)
+        geometry.project(showers, generator=gen, fluctuate=fluctuate)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--geometry", default="ild")
+    p.add_argument("--showers", type=int, default=200)
+    p.add_argument("--points", type=int, default=5000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    ARGS = p.parse_args()
+    torch.set_num_threads(ARGS.threads)
+    device = torch.device(ARGS.device)
+    geo = load_geometry(ARGS.geometry)
+    showers = synthetic_showers(ARGS.showers, ARGS.points, device)
+    result = {"geometry": geo.name, "device": str(device), "threads": ARGS.threads,
+              "showers": ARGS.showers, "points_per_shower": ARGS.points}
+    for fluctuate in (False, True):
+        t = time_projection(geo, showers, ARGS.repeat, fluctuate, device)
+        key = "fluctuations" if fluctuate else "mean_response"
+        result[f"{key}_s"] = round(t, 4)
+        result[f"{key}_points_per_s"] = float(f"{showers.total_points / t:.3g}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
