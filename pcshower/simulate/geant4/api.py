@@ -134,6 +134,7 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
         "stack": stack.name,
     }
     if engine.data.approximate:
+        metadata["geant4_tables"] = engine.data.get("tables", "")
         metadata["warning"] = ("Geant4 ran with approximate low-energy EM tables (no data sets "
                                "installed): sampling fraction and resolution carry a several-"
                                "percent systematic")

@@ -121,11 +121,13 @@ class Geant4Engine:
             plist.RegisterPhysics(g4.G4EmStandardPhysics_option1())
             plist.RegisterPhysics(g4.G4DecayPhysics())
         else:
-            factory = g4.G4PhysListFactory()
-            if not factory.IsReferencePhysList(physics):
+            # reference lists by their bound classes (the factory's return value cannot be
+            # handed to the run manager from Python), with their own EM constructor
+            if not physics.replace("_", "").isalnum() or not hasattr(g4, physics) \
+                    or not issubclass(getattr(g4, physics), g4.G4VModularPhysicsList):
                 raise ValueError(f"unknown Geant4 physics list {physics!r}: use 'em' or a reference "
-                                 f"list name such as FTFP_BERT")
-            plist = factory.GetReferencePhysList(physics)
+                                 "list such as FTFP_BERT, QGSP_BERT, QBBC")
+            plist = getattr(g4, physics)()
         plist.SetVerboseLevel(0)
         if self.cut_mm != DEFAULT_CUT_MM:
             # works, but the wheel then crashes while deleting its particle table at interpreter
