@@ -219,67 +219,75 @@ class Geometry:
                              f"[showers, cells] tensor; use the sparse CellHits (dense=False)")
         position, theta, phi = (placement or Placement()).resolve(showers)
         frames = self._frames(position, theta, phi)
-        batch = showers.batch
         pts = showers.points
         dev = pts.device
         n = len(showers)
+        counts = showers.num_points
+        total = pts.shape[0]
+        batch = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
+        # per-shower numbers expanded to points column by column (1-D repeat_interleave is several
+        # times cheaper than gathering rows by the batch index)
+        def expand(per_shower: torch.Tensor) -> torch.Tensor:
+            return torch.repeat_interleave(per_shower, counts, output_size=total)
+
+        module = expand(frames.module)
+        energy = pts[:, 3].double()
         if showers.frame == PHYSICS_FRAME:
-            local, depth, energy, visible, layer = self._physics_points(showers, frames, batch,
-                                                                         generator, fluctuate)
-        else:
-            local = torch.stack([pts[:, 0].double() + frames.impact_uv[batch, 0],
-                                 pts[:, 1].double() + frames.impact_uv[batch, 1],
-                                 pts[:, 2].double()], dim=-1)
+            rot = rotation_to_local(frames.theta_local, frames.phi_local).reshape(n, 9)
+            r = [expand(rot[:, k].contiguous()) for k in range(9)]
+            energy = energy * expand(showers.energy.double() * GEV_TO_MEV)
+        impact_u = expand(frames.impact_uv[:, 0].contiguous())
+        impact_v = expand(frames.impact_uv[:, 1].contiguous())
+        x, y, z = pts[:, 0].double(), pts[:, 1].double(), pts[:, 2].double()
+        if showers.frame == PHYSICS_FRAME:
+            from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
+
+            x, y, z = x * self.rm_eff_mm, y * self.rm_eff_mm, z * self.x0_eff_mm
+            du = r[0] * x + r[1] * y + r[2] * z  # offset from the impact point, in the face plane
+            dv = r[3] * x + r[4] * y + r[5] * z
+            normal_x0 = (r[6] * x + r[7] * y + r[8] * z) / self.x0_eff_mm
+            local = torch.stack([du + impact_u, dv + impact_v,
+                                 depth_x0_to_mm(normal_x0, self.stack)], dim=-1)
             depth = self._sampling_depth(local, frames, batch)
-            energy = pts[:, 3].double()
+            in_stack = (depth >= 0) & (depth < self.stack.total_thickness_mm)
+            active, visible = to_active_layers(torch.where(in_stack, depth, torch.full_like(depth, -1.0)),
+                                               energy, batch, self.stack, fluctuate=fluctuate,
+                                               generator=generator)
+            to_layer = torch.as_tensor(self._active_to_layer, device=dev)
+            layer = torch.where(active >= 0, to_layer[active.clamp_min(0)], torch.full_like(active, -1))
+        else:
+            du, dv = x, y
+            local = torch.stack([x + impact_u, y + impact_v, z], dim=-1)
+            depth = self._sampling_depth(local, frames, batch)
             visible, layer = energy, self._layer_of_depth(depth)
-        module = frames.module[batch]
         if self.readout.kind == "inclined":
             where = frames.to_global(local, batch)
         elif self.readout.kind == "cylindrical":
-            where = local[:, :2] - frames.impact_uv[batch]
+            where = torch.stack([du, dv], dim=-1)  # bins are centred on the impact point
         else:
             where = local[:, :2]
         # acceptance: every point must fall on a cell of its layer (the sampling cell's layer, or
         # for passive points the read-out group its depth lies in); unread material is inside
-        span_layer = self._layer_of_depth(depth)
-        eff_layer = torch.where(layer >= 0, layer, span_layer)
+        eff_layer = layer.clone()
+        passive = torch.nonzero(layer < 0).flatten()
+        eff_layer[passive] = self._layer_of_depth(depth[passive])
         in_depth = (depth >= 0) & (depth < self.stack.total_thickness_mm) & (module >= 0)
-        cell = self.readout.cell_index(eff_layer, where, module)
+        shower_module = frames.module.clamp_min(0)
+        cell = self.readout.cell_index(eff_layer, where, module,
+                                       per_module=lambda table: expand(table.to(dev)[shower_module]))
         inside = in_depth & ((cell >= 0) | (eff_layer < 0))
         keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
         outside = ~inside
         out_e = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(
             0, batch[outside], energy[outside])
         out_n = torch.bincount(batch[outside], minlength=n)
-        hits = _sum_per_cell(batch[keep], cell[keep], visible[keep], n, self.num_cells)
-        cell_id, e_cell, ptr = hits
+        key = (batch * self.num_cells + cell)[keep]
+        cell_id, e_cell, ptr = _sum_per_cell(key, visible[keep], n, self.num_cells)
         result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=ptr,
                           num_cells=self.num_cells, geometry=self.name,
                           outside_energy=out_e.to(torch.float32), outside_points=out_n,
                           metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
         return result.to_dense() if dense else result
-
-    def _physics_points(self, showers, frames, batch, generator, fluctuate):
-        from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
-
-        pts = showers.points
-        shower_mm = torch.stack([pts[:, 0].double() * self.rm_eff_mm, pts[:, 1].double() * self.rm_eff_mm,
-                                 pts[:, 2].double() * self.x0_eff_mm], dim=-1)
-        rot = rotation_to_local(frames.theta_local, frames.phi_local)  # [B, 3, 3]
-        local = torch.einsum("pij,pj->pi", rot[batch], shower_mm)
-        depth_mm = depth_x0_to_mm(local[:, 2] / self.x0_eff_mm, self.stack)
-        local = torch.stack([local[:, 0] + frames.impact_uv[batch, 0],
-                             local[:, 1] + frames.impact_uv[batch, 1], depth_mm], dim=-1)
-        energy = pts[:, 3].double() * (showers.energy.double() * GEV_TO_MEV)[batch]
-        depth = self._sampling_depth(local, frames, batch)
-        inside = (depth >= 0) & (depth < self.stack.total_thickness_mm)
-        z = torch.where(inside, depth, torch.full_like(depth, -1.0))
-        active, visible = to_active_layers(z, energy, batch, self.stack, fluctuate=fluctuate,
-                                           generator=generator)
-        table = torch.as_tensor(self._active_to_layer, device=z.device)
-        layer = torch.where(active >= 0, table[active.clamp_min(0)], torch.full_like(active, -1))
-        return local, depth, energy, visible, layer
 
     def _sampling_depth(self, local: torch.Tensor, frames: ShowerFrames, batch: torch.Tensor):
         """Depth (mm) used for layers and sampling: along the face normal, or the radial distance
@@ -322,11 +330,9 @@ def _build_stack(groups, name: str):
             np.asarray(spans, dtype=np.float64).reshape(-1, 2))
 
 
-def _sum_per_cell(batch: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor, n: int,
-                  num_cells: int):
-    """Sum ``energy`` per (shower, cell): ``(cell_id [H], energy [H], ptr [n+1])``, cells sorted
-    within each shower."""
-    key = batch * num_cells + cell
+def _sum_per_cell(key: torch.Tensor, energy: torch.Tensor, n: int, num_cells: int):
+    """Sum ``energy`` per ``key = shower * num_cells + cell``: ``(cell_id [H], energy [H],
+    ptr [n+1])``, cells sorted within each shower."""
     uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
     summed = torch.zeros(uniq.numel(), dtype=energy.dtype, device=energy.device).index_add_(0, inverse, energy)
     shower = torch.div(uniq, num_cells, rounding_mode="floor")

@@ -49,15 +49,23 @@ class PlanarReadout:
         torch.cumsum(per_module, 0, out=self.offset[1:])
         self.num_cells = int(self.offset[-1])
 
-    def cell_index(self, layer: torch.Tensor, uv: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
+    def cell_index(self, layer: torch.Tensor, uv: torch.Tensor, module: torch.Tensor,
+                   per_module=None) -> torch.Tensor:
+        """Flat cell ids (-1 off the module) of points at local ``uv`` [P, 2] in ``layer`` [P] of
+        ``module`` [P]. ``per_module(table)`` may supply per-point values of a per-module table
+        (a faster route than gathering by ``module``)."""
         dev = uv.device
         m = module.clamp_min(0)
-        nu, nv, off = self.nu.to(dev)[m], self.nv.to(dev)[m], self.offset.to(dev)[m]
-        pitch = self.pitch.to(device=dev, dtype=uv.dtype)
+        get = per_module or (lambda table: table.to(dev)[m])
+        nu, nv, off = get(self.nu), get(self.nv), get(self.offset[:-1])
+        pitch = self.pitch.tolist()
         iu = torch.floor(uv[:, 0] / pitch[0]).long() + nu // 2
         iv = torch.floor(uv[:, 1] / pitch[1]).long() + nv // 2
+        au, av = uv[:, 0].abs(), uv[:, 1].abs()
         ok = ((module >= 0) & (layer >= 0) & (iu >= 0) & (iu < nu) & (iv >= 0) & (iv < nv)
-              & self.modules.accepts(uv.double(), m))
+              & (au <= get(self.modules.half[:, 0])) & (av <= get(self.modules.half[:, 1])))
+        if bool((self.modules.hole > 0).any()):
+            ok &= ~((au < get(self.modules.hole[:, 0])) & (av < get(self.modules.hole[:, 1])))
         cell = off + (layer * nv + iv) * nu + iu
         return torch.where(ok, cell, torch.full_like(cell, -1))
 
@@ -102,7 +110,8 @@ class CylindricalReadout:
         torch.cumsum(self.n_r * self.n_alpha, 0, out=self.offset[1:])
         self.num_cells = int(self.offset[-1])
 
-    def cell_index(self, layer: torch.Tensor, uv: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
+    def cell_index(self, layer: torch.Tensor, uv: torch.Tensor, module: torch.Tensor,
+                   per_module=None) -> torch.Tensor:
         dev = uv.device
         lay = layer.clamp_min(0)
         r = torch.hypot(uv[:, 0], uv[:, 1])
@@ -210,7 +219,8 @@ class InclinedReadout:
         s = -self.rmin * ca + torch.sqrt((r * r - (self.rmin * sa) ** 2).clamp_min(0.0))
         return phi - torch.atan2(s * sa, self.rmin + s * ca)
 
-    def cell_index(self, layer: torch.Tensor, xyz: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
+    def cell_index(self, layer: torch.Tensor, xyz: torch.Tensor, module: torch.Tensor,
+                   per_module=None) -> torch.Tensor:
         dev = xyz.device
         lay = layer.clamp_min(0)
         r = torch.hypot(xyz[:, 0], xyz[:, 1])
