@@ -379,3 +379,42 @@ def test_custom_yaml_end_to_end(tmp_path):
     assert torch.equal(back.cell_id, hits.cell_id)
     torch.testing.assert_close(back.energy, hits.energy)
     torch.testing.assert_close(back.outside_energy, hits.outside_energy)
+
+
+# ------------------------------------------------------------------------------- CLI
+def test_cli_projects_to_calochallenge_hdf5_in_voxel_order(tmp_path, capsys):
+    from pcshower.cli import main
+    from pcshower.io import read_calochallenge, write_parquet
+
+    # shower 0: one point in layer 2, alpha bin 4 (alpha = -pi/2 + eps), r bin 3 (14 < 16.3 < 18.6)
+    # shower 1: one point in layer 44, alpha bin 15, r bin 0
+    r, a = 16.3, -math.pi / 2 + 0.01
+    pts = [[[r * math.cos(a), r * math.sin(a), 2 * 3.4 + 1.0, 5.0]],
+           [[1.0 * math.cos(3.1), 1.0 * math.sin(3.1), 44 * 3.4 + 0.2, 2.0]]]
+    showers = Showers.from_list([np.array(p, dtype=np.float32) for p in pts], energy=[10.0, 20.0],
+                                frame="detector")
+    write_parquet(tmp_path / "in.parquet", showers)
+    assert main(["project", str(tmp_path / "in.parquet"), "--geometry", "calochallenge_ds2",
+                 "--out", str(tmp_path / "out.h5")]) == 0
+    inc, vox = read_calochallenge(tmp_path / "out.h5")
+    assert vox.shape == (2, 6480) and inc.ravel().tolist() == [10000.0, 20000.0]
+    grid = vox.reshape(2, 45, 16, 9)  # CaloChallenge: (N, layer, alpha, r)
+    assert grid[0, 2, 4, 3] == pytest.approx(5.0) and grid[0].sum() == pytest.approx(5.0)
+    assert grid[1, 44, 15, 0] == pytest.approx(2.0) and grid[1].sum() == pytest.approx(2.0)
+    assert main(["project", str(tmp_path / "in.parquet"), "--geometry", "ild",
+                 "--out", str(tmp_path / "out.h5")]) == 2
+    assert "needs a CaloChallenge geometry" in capsys.readouterr().err
+
+
+def test_cli_geometry_list_and_show(tmp_path, capsys):
+    from pcshower.cli import main
+
+    assert main(["geometry", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BUILTIN)
+    png = tmp_path / "ds3.png"
+    assert main(["geometry", "show", "calochallenge_ds3", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "40500" in out and png.stat().st_size > 10_000
+    assert main(["geometry", "show", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
