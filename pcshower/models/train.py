@@ -125,6 +125,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         provenance = {"data_path": str(path), "data_metadata": _jsonable(data_meta)}
         data = read_parquet(path)
     _check_physics(data)
+    provenance["particles"] = sorted(set(int(p) for p in data.particle.unique().tolist()))
     if len(data) < 2:
         raise ValueError(f"training needs at least 2 showers, got {len(data)}")
     last = out / "last.pt"

@@ -1,0 +1,128 @@
+"""`pcshower.generate` and `pcshower generate`: reproducibility, ranges, geometry, files, shipped model."""
+
+import warnings
+
+import pytest
+import torch
+
+import pcshower
+from pcshower.cli import main
+from pcshower.data import Showers
+from pcshower.models.generate import default_model_path, generate
+from pcshower.models.train import train
+
+TINY = {"slices": {"num": 6, "z_max_x0": 24.0}, "flow": {"transforms": 1, "hidden": [16]},
+        "epic": {"point_dim": 8, "global_dim": 4, "hidden": 16, "layers": 1}, "steps": 3}
+
+
+def toy_showers(n: int, seed: int = 0) -> Showers:
+    g = torch.Generator().manual_seed(seed)
+    energy = 10 + 90 * torch.rand(n, generator=g, dtype=torch.float64)
+    theta = torch.deg2rad(30 + 60 * torch.rand(n, generator=g, dtype=torch.float64))
+    counts = 15 + torch.randint(0, 10, (n,), generator=g)
+    p = int(counts.sum())
+    batch = torch.repeat_interleave(torch.arange(n), counts)
+    e = torch.rand(p, generator=g) + 0.1
+    e = e / torch.zeros(n).index_add_(0, batch, e)[batch]
+    pts = torch.stack([torch.randn(p, generator=g) * 0.5, torch.randn(p, generator=g) * 0.5,
+                       torch.rand(p, generator=g) * 20, e], 1)
+    return Showers.from_counts(pts, counts, energy=energy, theta=theta)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run")
+    train({"model": TINY, "train": {"steps": 10, "batch_showers": 8, "flow_batch": 32,
+                                    "checkpoint_every": 100}}, toy_showers(60), out, progress=False)
+    yield out / "model.pt"
+    torch.set_num_threads(before)
+
+
+def test_seed_gives_identical_showers(tiny_model):
+    kw = dict(geometry=None, n=5, model=tiny_model, device="cpu")
+    a, b = generate(50, 60, seed=7, **kw), generate(50, 60, seed=7, **kw)
+    assert torch.equal(a.points, b.points) and torch.equal(a.ptr, b.ptr)
+    c = generate(50, 60, seed=8, **kw)
+    assert not (torch.equal(a.ptr, c.ptr) and torch.equal(a.points, c.points))
+    assert a.frame == "physics" and a.hits is None and a.metadata["seed"] == 7
+
+
+def test_conditions_broadcast_in_degrees(tiny_model):
+    s = generate([20, 40, 80], 45, None, 2, phi=[0, 90, 180], model=tiny_model, seed=0)
+    assert len(s) == 6
+    assert torch.allclose(s.energy, torch.tensor([20, 20, 40, 40, 80, 80], dtype=torch.float64))
+    assert torch.allclose(s.theta, torch.full((6,), 45.0, dtype=torch.float64).deg2rad())
+    assert torch.allclose(s.phi[2:4], torch.full((2,), 90.0, dtype=torch.float64).deg2rad())
+    assert (s.particle == 22).all()
+    # energies of each shower are positive and the physics-frame depth within the slices
+    assert (s.e >= 0).all() and (s.z >= 0).all() and (s.z <= 24).all()
+    # batching does not change the number of showers, and each batch is reproducible
+    t = generate([20, 40, 80], 45, None, 2, phi=[0, 90, 180], model=tiny_model, seed=0,
+                 batch_size=4)
+    assert len(t) == 6
+
+
+def test_out_of_range_conditions(tiny_model):
+    with pytest.raises(ValueError, match=r"energy 500 GeV is outside the range .* \[10\.\d*, 9\d\.\d*\] GeV"):
+        generate(500, 60, None, model=tiny_model)
+    with pytest.raises(ValueError, match=r"angle \(theta\) 10 deg is outside"):
+        generate(50, 10, None, model=tiny_model)
+    with pytest.warns(UserWarning, match="extrapolating"):
+        generate(500, 60, None, model=tiny_model, allow_extrapolation=True, seed=0)
+    with pytest.raises(ValueError, match="trained on photon only, not pi"):
+        generate(50, 60, None, model=tiny_model, particle="pi+")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        generate(50, 60, None, 0, model=tiny_model)
+
+
+def test_generate_on_ild_cells(tiny_model):
+    s = generate(50, 90, "ild", 3, model=tiny_model, seed=3)
+    assert s.frame == "detector" and s.geometry == "ild"
+    hits = s.hits
+    assert len(hits) == 3 and hits.geometry == "ild"
+    # the cell hits hold exactly the visible energy of the detector-frame points
+    per_shower = torch.zeros(3, dtype=torch.float64).index_add_(0, hits.batch, hits.energy.double())
+    points = torch.zeros(3, dtype=torch.float64).index_add_(0, s.batch, s.e.double())
+    assert torch.allclose(per_shower, points, rtol=1e-5)
+    # visible energy: a few percent of 50 GeV in the Si-W sampling calorimeter
+    assert ((points > 0.1e3) & (points < 5e3)).all(), points
+    again = generate(50, 90, "ild", 3, model=tiny_model, seed=3)
+    assert torch.equal(again.hits.cell_id, hits.cell_id) and torch.equal(again.hits.energy, hits.energy)
+
+
+def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
+    from pcshower.io import read_calochallenge, read_hits_parquet, read_parquet
+
+    out = tmp_path / "gen.parquet"
+    code = main(["generate", "--geometry", "ild", "--energy", "20:80", "--theta", "40:80",
+                 "--n", "6", "--out", str(out), "--model", str(tiny_model), "--no-progress"])
+    assert code == 0
+    s = read_parquet(out)
+    assert len(s) == 6 and s.frame == "detector"
+    assert (s.energy >= 20).all() and (s.energy <= 80).all()
+    hits, cond = read_hits_parquet(tmp_path / "gen_hits.parquet")
+    assert len(hits) == 6 and torch.allclose(cond["energy"], s.energy)
+    h5 = tmp_path / "gen.h5"
+    assert main(["generate", "--geometry", "calochallenge_ds2", "--energy", "50", "--n", "4",
+                 "--theta", "90", "--out", str(h5), "--model", str(tiny_model),
+                 "--no-progress"]) == 0
+    data = read_calochallenge(h5)
+    inc, vox = data
+    assert tuple(vox.shape) == (4, 6480) and float(inc[0]) == pytest.approx(50000.0)
+    capsys.readouterr()
+    assert main(["generate", "--energy", "500", "--n", "1", "--out", str(tmp_path / "x.parquet"),
+                 "--model", str(tiny_model), "--no-progress"]) == 2
+    assert "outside the range the model was trained on" in capsys.readouterr().err
+    assert main(["generate", "--energy", "5:1", "--out", str(tmp_path / "y.parquet")]) == 2
+
+
+def test_shipped_default_model_generates():
+    path = default_model_path()
+    assert path.is_file(), f"the default model {path} is not shipped"
+    assert path.stat().st_size <= 10 * 1024 ** 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = pcshower.generate(energy=50, angle=90, geometry="ild", n=2, seed=0, steps=2)
+    assert len(s) == 2 and s.hits is not None and s.hits.num_hits.min() > 0
