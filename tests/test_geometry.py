@@ -151,18 +151,20 @@ def test_local_direction_and_default_impact():
 # ---------------------------------------------------------------------- known cells
 def test_planar_known_cells_and_boundaries():
     ild = load_geometry("ild")
-    nu, nv = 2 * math.ceil(1804.8 * math.tan(math.pi / 8) / 5.088), 2 * math.ceil(2350 / 5.088)
-    assert (nu, nv) == (294, 924)
+    # staves are trapezoids widening with depth: the grid spans the back face (99 mm deep)
+    nu = 2 * math.ceil((1804.8 + 99.0) * math.tan(math.pi / 8) / 5.088)
+    nv = 2 * math.ceil(2350 / 5.088)
+    assert (nu, nv) == (310, 924)
     cases = [  # (u, v, depth) -> (layer, iu, iv)
-        ((1.0, 1.0, 2.2), (0, 147, 462)),
-        ((0.0, 0.0, 2.2), (0, 147, 462)),     # on the cell edge at the module centre: upper cell
+        ((1.0, 1.0, 2.2), (0, 155, 462)),
+        ((0.0, 0.0, 2.2), (0, 155, 462)),     # on the cell edge at the module centre: upper cell
         # float32 cannot hold the edge at 5.088 mm: the nearest values lie on either side
-        ((float(np.float32(5.088)), 0.0, 2.2), (0, 147, 462)),
-        ((float(np.nextafter(np.float32(5.088), np.float32(6))), 0.0, 2.2), (0, 148, 462)),
-        ((-1e-6, -1e-6, 2.2), (0, 146, 461)),
-        ((0.0, 0.0, 2.59), (0, 147, 462)),    # the first layer ends at 2.6 mm
-        ((0.0, 0.0, 2.61), (1, 147, 462)),
-        ((12.0, -30.0, 52.0 + 4.7 * 9.5), (29, 149, 456)),
+        ((float(np.float32(5.088)), 0.0, 2.2), (0, 155, 462)),
+        ((float(np.nextafter(np.float32(5.088), np.float32(6))), 0.0, 2.2), (0, 156, 462)),
+        ((-1e-6, -1e-6, 2.2), (0, 154, 461)),
+        ((0.0, 0.0, 2.59), (0, 155, 462)),    # the first layer ends at 2.6 mm
+        ((0.0, 0.0, 2.61), (1, 155, 462)),
+        ((12.0, -30.0, 52.0 + 4.7 * 9.5), (29, 157, 456)),
     ]
     for (u, v, z), (layer, iu, iv) in cases:
         s = detector_shower([[u, v, z, 1.0]], [1804.8, 0.0, 0.0], math.pi / 2, 0.0)
@@ -170,19 +172,47 @@ def test_planar_known_cells_and_boundaries():
         expected = (layer * nv + iv) * nu + iu
         assert hits.cell_id.tolist() == [expected], (u, v, z)
         assert int(ild.cell_layer(hits.cell_id)) == layer
-    centre = ild.cell_centers(torch.tensor([(0 * nv + 462) * nu + 147]))
+    centre = ild.cell_centers(torch.tensor([(0 * nv + 462) * nu + 155]))
     assert torch.allclose(centre, torch.tensor([[1804.8 + 2.35, 2.544, 2.544]], dtype=torch.float64))
     # stave 2 faces +y: u points along -x
     s = detector_shower([[3.0, 0.0, 1.0, 1.0]], [0.0, 1804.8, 0.0], math.pi / 2, math.pi / 2)
     hits = ild.project(s)
-    assert hits.cell_id.tolist() == [2 * 30 * nu * nv + 462 * nu + 147]
+    assert hits.cell_id.tolist() == [2 * 30 * nu * nv + 462 * nu + 155]
     assert ild.cell_centers(hits.cell_id)[0, 0] == pytest.approx(-2.544)
-    # off the stave (|u| > 747.6 mm) and behind the stack: outside, counted
-    s = detector_shower([[800.0, 0.0, 1.0, 2.0], [0.0, 0.0, 500.0, 3.0], [0.0, 0.0, 1.0, 4.0]],
+    # beyond the barrel's length and behind the stack: outside, counted
+    s = detector_shower([[0.0, 2400.0, 1.0, 2.0], [0.0, 0.0, 500.0, 3.0], [0.0, 0.0, 1.0, 4.0]],
                         [1804.8, 0.0, 0.0], math.pi / 2, 0.0)
     hits = ild.project(s)
     assert hits.outside_points.tolist() == [2] and hits.outside_energy.tolist() == [5.0]
     assert hits.energy.tolist() == [4.0]
+
+
+def test_points_leaving_a_stave_sideways_are_handed_to_the_next_stave():
+    ild = load_geometry("ild")
+    nu, nv = 310, 924
+    # 800 mm along u from the centre of stave 0 (half width 747.6 mm), 1 mm deep: global
+    # (1805.8, 800, 0) lies in the sector of stave 1, whose face normal points at 45 deg
+    s = detector_shower([[800.0, 0.0, 1.0, 2.0]], [1804.8, 0.0, 0.0], math.pi / 2, 0.0)
+    hits = ild.project(s)
+    c, sn = math.cos(math.pi / 4), math.sin(math.pi / 4)
+    gx, gy = 1805.8, 800.0
+    depth = gx * c + gy * sn - 1804.8
+    u = -(gx - 1804.8 * c) * sn + (gy - 1804.8 * sn) * c
+    layer = int(depth // 2.6)
+    assert 0 < depth < 52.0 and abs(u) < 747.6
+    iu = math.floor(u / 5.088) + nu // 2
+    assert hits.outside_points.tolist() == [0]
+    assert hits.cell_id.tolist() == [1 * 30 * nu * nv + (layer * nv + 462) * nu + iu]
+    assert hits.energy.tolist() == [2.0]
+    # at 40 mm depth the trapezoidal stave 0 reaches |u| = 747.6 + 40 tan(22.5 deg) = 764.2 mm
+    s = detector_shower([[760.0, 0.0, 40.0, 1.0]], [1804.8, 0.0, 0.0], math.pi / 2, 0.0)
+    hits = ild.project(s)
+    assert hits.cell_id.tolist() == [(15 * nv + 462) * nu + math.floor(760.0 / 5.088) + nu // 2]
+    # a shower entering stave 1 next to the corner and heading for stave 0 stays contained
+    pts = torch.stack([torch.zeros(200), torch.zeros(200), torch.linspace(0.0, 20.0, 200),
+                       torch.full((200,), 1 / 200)], 1)
+    s = Showers.from_list([pts], energy=[50.0], theta=[math.pi / 2], phi=[0.4])
+    assert ild.project(s, fluctuate=False).outside_points.tolist() == [0]
 
 
 def test_cylindrical_known_voxels_and_calochallenge_order():

@@ -61,18 +61,20 @@ class Modules:
     """Flat module faces (planar readouts): polygon barrel staves, endcap planes, or one plane.
 
     Each module ``m`` has a front-face centre ``origin[m]``, axes ``u, v, n`` and an acceptance
-    ``|u| <= half[m, 0]``, ``|v| <= half[m, 1]`` minus a central hole ``|u| < hole[m, 0] and
-    |v| < hole[m, 1]``.
+    ``|u| <= half[m, 0] + depth * widen[m]``, ``|v| <= half[m, 1]`` minus a central hole
+    ``|u| < hole[m, 0] and |v| < hole[m, 1]``. Barrel staves widen with depth
+    (``widen = tan(pi / N)``): they are the trapezoidal sectors that tile the polygonal shell, so
+    every point of the barrel belongs to exactly one stave.
     """
 
     def __init__(self, placement: dict):
-        origin, us, vs, ns, half, hole, names = [], [], [], [], [], [], []
+        origin, us, vs, ns, half, hole, names, widen = [], [], [], [], [], [], [], []
         if "plane" in placement:
             p = placement["plane"]
             hw = p["half_width_mm"] or [math.inf, math.inf]
             origin.append([0.0, 0.0, p["distance_mm"]])
             us.append([1.0, 0.0, 0.0]), vs.append([0.0, 1.0, 0.0]), ns.append([0.0, 0.0, 1.0])
-            half.append(hw), hole.append([0.0, 0.0]), names.append("plane")
+            half.append(hw), hole.append([0.0, 0.0]), names.append("plane"), widen.append(0.0)
         if "polygon_barrel" in placement:
             p = placement["polygon_barrel"]
             k = p["symmetry"]
@@ -84,6 +86,7 @@ class Modules:
                 ns.append(n), us.append([-math.sin(a), math.cos(a), 0.0]), vs.append([0.0, 0.0, 1.0])
                 half.append([radius * math.tan(math.pi / k), p["half_length_mm"]])
                 hole.append([0.0, 0.0]), names.append(f"barrel stave {i}")
+                widen.append(math.tan(math.pi / k))
         if "endcaps" in placement:
             p = placement["endcaps"]
             for sign in (1.0, -1.0):
@@ -91,18 +94,21 @@ class Modules:
                 us.append([1.0, 0.0, 0.0]), vs.append([0.0, sign, 0.0]), ns.append([0.0, 0.0, sign])
                 half.append([p["outer_half_width_mm"]] * 2), hole.append([p["hole_half_width_mm"]] * 2)
                 names.append("endcap +z" if sign > 0 else "endcap -z")
+                widen.append(0.0)
         t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
         self.origin, self.u, self.v, self.n = t(origin), t(us), t(vs), t(ns)
-        self.half, self.hole, self.names = t(half), t(hole), names
+        self.half, self.hole, self.names, self.widen = t(half), t(hole), names, t(widen)
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def accepts(self, uv: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
-        """Whether local ``(u, v)`` lies on module ``module`` (broadcasting)."""
+    def accepts(self, uv: torch.Tensor, module: torch.Tensor, depth=None) -> torch.Tensor:
+        """Whether local ``(u, v)`` (at ``depth`` mm, default the front face) lies on module
+        ``module`` (broadcasting)."""
         half, hole = self.half.to(uv.device)[module], self.hole.to(uv.device)[module]
         a = uv.abs()
-        inside = (a[..., 0] <= half[..., 0]) & (a[..., 1] <= half[..., 1])
+        half_u = half[..., 0] if depth is None else half[..., 0] + depth * self.widen.to(uv.device)[module]
+        inside = (a[..., 0] <= half_u) & (a[..., 1] <= half[..., 1])
         in_hole = (a[..., 0] < hole[..., 0]) & (a[..., 1] < hole[..., 1])
         return inside & ~in_hole
 

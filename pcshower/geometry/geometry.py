@@ -89,9 +89,13 @@ class Geometry:
         self.num_layers = int(self.layer_span_mm.shape[0])
         self._eff = self.stack.effective_medium()
         self.x0_eff_mm, self.rm_eff_mm = self._eff.x0_mm, self._eff.rm_mm
+        barrel = spec.placement.get("polygon_barrel")
+        self._staves = barrel["symmetry"] if barrel and kind == "planar" else 0
+        self._phi0 = math.radians(barrel["phi0_deg"]) if barrel else 0.0
         if kind == "planar":
             self.modules = Modules(spec.placement)
-            self.readout = PlanarReadout(spec.readout, self.modules, self.num_layers, spec.path)
+            self.readout = PlanarReadout(spec.readout, self.modules, self.num_layers, spec.path,
+                                         self.stack.total_thickness_mm)
             self.surface = None
         elif kind == "cylindrical":
             self.readout = CylindricalReadout(spec.readout)
@@ -248,7 +252,14 @@ class Geometry:
             normal_x0 = (r[6] * x + r[7] * y + r[8] * z) / self.x0_eff_mm
             local = torch.stack([du + impact_u, dv + impact_v,
                                  depth_x0_to_mm(normal_x0, self.stack)], dim=-1)
-            depth = self._sampling_depth(local, frames, batch)
+        else:
+            du, dv = x, y
+            local = torch.stack([x + impact_u, y + impact_v, z], dim=-1)
+        handed_over = False
+        if self.modules is not None and self._staves:
+            module, handed_over = self._hand_over(local, module)
+        depth = self._sampling_depth(local, frames, batch)
+        if showers.frame == PHYSICS_FRAME:
             in_stack = (depth >= 0) & (depth < self.stack.total_thickness_mm)
             active, visible = to_active_layers(torch.where(in_stack, depth, torch.full_like(depth, -1.0)),
                                                energy, batch, self.stack, fluctuate=fluctuate,
@@ -256,16 +267,13 @@ class Geometry:
             to_layer = torch.as_tensor(self._active_to_layer, device=dev)
             layer = torch.where(active >= 0, to_layer[active.clamp_min(0)], torch.full_like(active, -1))
         else:
-            du, dv = x, y
-            local = torch.stack([x + impact_u, y + impact_v, z], dim=-1)
-            depth = self._sampling_depth(local, frames, batch)
             visible, layer = energy, self._layer_of_depth(depth)
         if self.readout.kind == "inclined":
             where = frames.to_global(local, batch)
         elif self.readout.kind == "cylindrical":
             where = torch.stack([du, dv], dim=-1)  # bins are centred on the impact point
         else:
-            where = local[:, :2]
+            where = local  # u, v and the depth (barrel staves widen with depth)
         # acceptance: every point must fall on a cell of its layer (the sampling cell's layer, or
         # for passive points the read-out group its depth lies in); unread material is inside
         eff_layer = layer.clone()
@@ -273,8 +281,8 @@ class Geometry:
         eff_layer[passive] = self._layer_of_depth(depth[passive])
         in_depth = (depth >= 0) & (depth < self.stack.total_thickness_mm) & (module >= 0)
         shower_module = frames.module.clamp_min(0)
-        cell = self.readout.cell_index(eff_layer, where, module,
-                                       per_module=lambda table: expand(table.to(dev)[shower_module]))
+        per_module = None if handed_over else (lambda table: expand(table.to(dev)[shower_module]))
+        cell = self.readout.cell_index(eff_layer, where, module, per_module=per_module)
         inside = in_depth & ((cell >= 0) | (eff_layer < 0))
         keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
         outside = ~inside
@@ -288,6 +296,30 @@ class Geometry:
                           outside_energy=out_e.to(torch.float32), outside_points=out_n,
                           metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
         return result.to_dense() if dense else result
+
+    def _hand_over(self, local: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
+        """Move points that left their barrel stave sideways into the stave whose azimuthal
+        sector holds them (local coordinates rewritten in place); returns ``(modules, changed)``."""
+        mods = self.modules
+        dev = local.device
+        m0 = module.clamp_min(0)
+        half_u = mods.half[:, 0].to(dev)[m0] + local[:, 2].clamp_min(0) * mods.widen.to(dev)[m0]
+        stave = (module >= 0) & (module < self._staves)
+        off = torch.nonzero(stave & (local[:, 0].abs() > half_u)).flatten()
+        if not off.numel():
+            return module, False
+        o, u, v, n = (t.to(dev) for t in (mods.origin, mods.u, mods.v, mods.n))
+        m = module[off]
+        p = local[off]
+        g = o[m] + p[:, 0:1] * u[m] + p[:, 1:2] * v[m] + p[:, 2:3] * n[m]
+        step = 2 * math.pi / self._staves
+        k = torch.remainder(torch.round((torch.atan2(g[:, 1], g[:, 0]) - self._phi0) / step),
+                            self._staves).long()
+        rel = g - o[k]
+        local[off] = torch.stack([(rel * u[k]).sum(1), (rel * v[k]).sum(1), (rel * n[k]).sum(1)], 1)
+        module = module.clone()
+        module[off] = k
+        return module, True
 
     def _sampling_depth(self, local: torch.Tensor, frames: ShowerFrames, batch: torch.Tensor):
         """Depth (mm) used for layers and sampling: along the face normal, or the radial distance

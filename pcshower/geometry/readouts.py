@@ -34,7 +34,8 @@ class PlanarReadout:
 
     kind = "planar"
 
-    def __init__(self, spec: dict, modules: Modules, num_layers: int, where: str):
+    def __init__(self, spec: dict, modules: Modules, num_layers: int, where: str,
+                 thickness_mm: float = 0.0):
         self.pitch = torch.tensor(spec["cell_size_mm"], dtype=torch.float64)
         if not torch.isfinite(modules.half).all():
             from pcshower.geometry.schema import GeometryError
@@ -42,7 +43,10 @@ class PlanarReadout:
                                 f"module size to number its cells (give [half_u, half_v] in mm)")
         self.modules = modules
         self.num_layers = num_layers
-        n = 2 * torch.ceil(modules.half / self.pitch - 1e-9).long()  # [M, 2]
+        # the grid covers the module at its back face (barrel staves widen with depth)
+        widest = modules.half.clone()
+        widest[:, 0] += thickness_mm * modules.widen
+        n = 2 * torch.ceil(widest / self.pitch - 1e-9).long()  # [M, 2]
         self.nu, self.nv = n[:, 0], n[:, 1]
         per_module = num_layers * self.nu * self.nv
         self.offset = torch.zeros(len(modules) + 1, dtype=torch.int64)
@@ -51,9 +55,9 @@ class PlanarReadout:
 
     def cell_index(self, layer: torch.Tensor, uv: torch.Tensor, module: torch.Tensor,
                    per_module=None) -> torch.Tensor:
-        """Flat cell ids (-1 off the module) of points at local ``uv`` [P, 2] in ``layer`` [P] of
-        ``module`` [P]. ``per_module(table)`` may supply per-point values of a per-module table
-        (a faster route than gathering by ``module``)."""
+        """Flat cell ids (-1 off the module) of points at local ``uv`` (u, v, depth) [P, 3] in
+        ``layer`` [P] of ``module`` [P]. ``per_module(table)`` may supply per-point values of a
+        per-module table (a faster route than gathering by ``module``)."""
         dev = uv.device
         m = module.clamp_min(0)
         get = per_module or (lambda table: table.to(dev)[m])
@@ -63,7 +67,8 @@ class PlanarReadout:
         iv = torch.floor(uv[:, 1] / pitch[1]).long() + nv // 2
         au, av = uv[:, 0].abs(), uv[:, 1].abs()
         ok = ((module >= 0) & (layer >= 0) & (iu >= 0) & (iu < nu) & (iv >= 0) & (iv < nv)
-              & (au <= get(self.modules.half[:, 0])) & (av <= get(self.modules.half[:, 1])))
+              & (au <= get(self.modules.half[:, 0]) + uv[:, 2] * get(self.modules.widen))
+              & (av <= get(self.modules.half[:, 1])))
         if bool((self.modules.hole > 0).any()):
             ok &= ~((au < get(self.modules.hole[:, 0])) & (av < get(self.modules.hole[:, 1])))
         cell = off + (layer * nv + iv) * nu + iu
