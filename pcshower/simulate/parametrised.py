@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from pcshower.data import Showers
-from pcshower.physics.sampling import DEFAULT_CROSSING_RMS, depth_x0_to_mm, sampling_layers, to_active_layers
+from pcshower.physics.sampling import (DEFAULT_CROSSING_RMS, depth_x0_to_mm, sampling_layers,
+                                       to_active_layers)
 from pcshower.physics.stack import Stack
 from pcshower.simulate import gflash
 from pcshower.units import DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code, particle_name
@@ -114,40 +115,39 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
     return points, counts
 
 
-def _axis_basis(theta: torch.Tensor, phi: torch.Tensor):
-    """Shower direction ``d`` and transverse unit vectors ``u, v`` in the stack frame ``[B, 3]``."""
-    st, ct, sp, cp = torch.sin(theta), torch.cos(theta), torch.sin(phi), torch.cos(phi)
-    d = torch.stack([st * cp, st * sp, ct], dim=1)
-    u = torch.stack([ct * cp, ct * sp, -st], dim=1)
-    v = torch.stack([-sp, cp, torch.zeros_like(sp)], dim=1)
-    return d, u, v
-
-
 def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tensor,
                  theta: torch.Tensor, phi: torch.Tensor, stack: Stack, medium, generator,
                  crossing_rms: float):
-    """Place physics-frame spots in the stack and keep the visible energy of active layers."""
+    """Place physics-frame spots in the stack and keep the visible energy of active layers.
+
+    Shower direction ``d = (sin t cos p, sin t sin p, cos t)`` and transverse axes
+    ``u = (cos t cos p, cos t sin p, -sin t)``, ``v = (-sin p, cos p, 0)`` in the stack frame.
+    """
+    dt = points.dtype
     seg = torch.repeat_interleave(torch.arange(energy.numel(), device=points.device), counts)
-    d, u, v = _axis_basis(theta, phi)
-    cos_t = torch.cos(theta)[seg]
+    st, ct = torch.sin(theta).to(dt)[seg], torch.cos(theta).to(dt)[seg]
+    sp, cp = torch.sin(phi).to(dt)[seg], torch.cos(phi).to(dt)[seg]
     # the axis reaches normal depth z after x0(z) / cos(theta) radiation lengths
-    z_axis = depth_x0_to_mm(points[:, 2] * cos_t, stack)
-    along = z_axis / cos_t
+    z_axis = depth_x0_to_mm(points[:, 2] * ct, stack)
+    along = z_axis / ct
     xt = points[:, 0] * medium.rm_mm
     yt = points[:, 1] * medium.rm_mm
-    pos = along[:, None] * d[seg] + xt[:, None] * u[seg] + yt[:, None] * v[seg]
-    e_mev = points[:, 3] * energy[seg] * 1000.0
-    layer, visible = to_active_layers(pos[:, 2], e_mev, seg, stack, generator=generator,
+    z = z_axis - xt * st
+    e_mev = points[:, 3] * (energy.to(dt) * 1000.0)[seg]
+    layer, visible = to_active_layers(z, e_mev, seg, stack, generator=generator,
                                       crossing_rms=crossing_rms)
     keep = (layer >= 0) & (visible > 0)
-    layers = sampling_layers(stack)
-    z_mid = torch.as_tensor(layers.active_center_mm, dtype=torch.float64, device=points.device)
-    pos, layer, visible, seg = pos[keep], layer[keep], visible[keep], seg[keep]
+    idx = torch.nonzero(keep).flatten()
+    layer, seg, visible = layer[idx], seg[idx], visible[idx]
+    st, ct, sp, cp = st[idx], ct[idx], sp[idx], cp[idx]
+    along, xt, yt, z = along[idx], xt[idx], yt[idx], z[idx]
+    z_mid = torch.as_tensor(sampling_layers(stack).active_center_mm, dtype=dt,
+                            device=points.device)[layer]
     # move each deposit along the shower direction onto the middle plane of its active slab
-    shift = (z_mid[layer] - pos[:, 2]) / torch.cos(theta)[seg]
-    pos = pos + shift[:, None] * d[seg]
-    pos[:, 2] = z_mid[layer]  # exact, free of rounding
-    out = torch.cat([pos, visible[:, None]], dim=1)
+    along = along + (z_mid - z) / ct
+    x = along * st * cp + xt * ct * cp - yt * sp
+    y = along * st * sp + xt * ct * sp + yt * cp
+    out = torch.stack([x, y, z_mid, visible], dim=1)
     new_counts = torch.bincount(seg, minlength=energy.numel())
     return out, new_counts
 

@@ -127,33 +127,44 @@ def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") ->
         out.metadata["reduction"] = _record(showers.frame, grid, position, before, before)
         return out
     batch = showers.batch
-    x64 = pts[:, :3].to(torch.float64)
-    ix, iy, iz, centers = _voxel_indices(x64, pts[:, 2], grid)
+    xyz = pts[:, :3]
+    ix, iy, iz, centers = _voxel_indices(xyz, pts[:, 2], grid)
     cols = [batch, _dense_ids(iy), _dense_ids(ix), _dense_ids(iz)]
     ranges = [max(n_showers, 1)] + [int(c.max()) + 1 for c in cols[1:]]
-    if math.prod(ranges) < 2 ** 62:
+    total_range = math.prod(ranges)
+    if total_range < 2 ** 62:
         key = cols[0]
         for c, r in zip(cols[1:], ranges[1:]):
             key = key * r + c
-        _, inv = torch.unique(key, sorted=True, return_inverse=True)
+        if total_range <= max(8 * pts.shape[0], 1 << 20):
+            # compact key space: an occupancy table replaces the sort of torch.unique
+            occupied = torch.zeros(total_range, dtype=torch.bool, device=dev)
+            occupied[key] = True
+            rank = torch.cumsum(occupied, 0) - 1
+            inv = rank[key]
+        else:
+            _, inv = torch.unique(key, sorted=True, return_inverse=True)
     else:  # absurd ranges (far outliers): lexicographic unique rows, slower but exact
         _, inv = torch.unique(torch.stack(cols, dim=1), dim=0, sorted=True, return_inverse=True)
     n_out = int(inv.max()) + 1
     e64 = pts[:, 3].to(torch.float64)
     e_sum = torch.zeros(n_out, dtype=torch.float64, device=dev).index_add_(0, inv, e64)
-    count = torch.zeros(n_out, dtype=torch.float64, device=dev).index_add_(
-        0, inv, torch.ones_like(e64))
-    # energy weights; voxels whose points all have zero energy use plain means
-    zero = e_sum[inv] == 0
-    w = torch.where(zero, 1.0 / count[inv], e64 / torch.where(zero, 1.0, e_sum[inv]))
-    others = torch.cat([x64, pts[:, 4:].to(torch.float64)], dim=1)
-    merged = torch.zeros((n_out, others.shape[1]), dtype=torch.float64, device=dev).index_add_(
+    if bool((e_sum == 0).any()):  # voxels whose points all have zero energy: plain means
+        count = torch.zeros(n_out, dtype=torch.float64, device=dev).index_add_(
+            0, inv, torch.ones_like(e64))
+        zero = (e_sum == 0)[inv]
+        w = torch.where(zero, 1.0 / count[inv], e64 / torch.where(zero, 1.0, e_sum[inv]))
+    else:
+        w = e64 / e_sum[inv]
+    w = w.to(pts.dtype)
+    others = torch.cat([xyz, pts[:, 4:]], dim=1) if pts.shape[1] > 4 else xyz
+    merged = torch.zeros((n_out, others.shape[1]), dtype=pts.dtype, device=dev).index_add_(
         0, inv, others * w[:, None])
     if position == "center":
         first = torch.full((n_out,), pts.shape[0], dtype=torch.int64, device=dev).scatter_reduce(
             0, inv, torch.arange(pts.shape[0], device=dev), reduce="amin")
-        merged[:, :3] = centers(first)
-    new_points = torch.cat([merged[:, :3], e_sum[:, None], merged[:, 3:]], dim=1).to(pts.dtype)
+        merged[:, :3] = centers(first).to(pts.dtype)
+    new_points = torch.cat([merged[:, :3], e_sum[:, None].to(pts.dtype), merged[:, 3:]], dim=1)
     out_batch = torch.zeros(n_out, dtype=torch.int64, device=dev).scatter_(0, inv, batch)
     counts = torch.bincount(out_batch, minlength=n_showers)
     ptr = torch.zeros(n_showers + 1, dtype=torch.int64, device=dev)
@@ -163,7 +174,7 @@ def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") ->
     return out
 
 
-def _voxel_indices(x64: torch.Tensor, z_raw: torch.Tensor, grid):
+def _voxel_indices(x64: torch.Tensor, z_raw: torch.Tensor, grid):  # x64: the [P, 3] positions
     """Integer voxel coordinates of each point and a function giving voxel centres."""
     if isinstance(grid, PolarGrid):
         r = torch.hypot(x64[:, 0], x64[:, 1])
