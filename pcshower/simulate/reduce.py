@@ -97,6 +97,24 @@ def _dense_ids(values: torch.Tensor) -> torch.Tensor:
     return values - values.min() if values.numel() else values
 
 
+#: Depths closer than this (mm or X0) count as the same depth when ``dz`` is None.
+SAME_DEPTH = 1e-4
+
+
+def _rank(ids: torch.Tensor) -> torch.Tensor:
+    """Rank of each non-negative id among the distinct ids (0 .. distinct-1), order kept.
+
+    A compact id range uses an occupancy table (O(P + range)); a sparse one the sort of
+    ``torch.unique``.
+    """
+    span = int(ids.max()) + 1 if ids.numel() else 1
+    if span <= max(8 * ids.numel(), 1 << 20):
+        occupied = torch.zeros(span, dtype=torch.bool, device=ids.device)
+        occupied[ids] = True
+        return (torch.cumsum(occupied, 0) - 1)[ids]
+    return torch.unique(ids, sorted=True, return_inverse=True)[1]
+
+
 def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") -> Showers:
     """Merge each shower's points that share a voxel of ``grid``; energy is conserved exactly.
 
@@ -136,14 +154,7 @@ def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") ->
         key = cols[0]
         for c, r in zip(cols[1:], ranges[1:]):
             key = key * r + c
-        if total_range <= max(8 * pts.shape[0], 1 << 20):
-            # compact key space: an occupancy table replaces the sort of torch.unique
-            occupied = torch.zeros(total_range, dtype=torch.bool, device=dev)
-            occupied[key] = True
-            rank = torch.cumsum(occupied, 0) - 1
-            inv = rank[key]
-        else:
-            _, inv = torch.unique(key, sorted=True, return_inverse=True)
+        inv = _rank(key)
     else:  # absurd ranges (far outliers): lexicographic unique rows, slower but exact
         _, inv = torch.unique(torch.stack(cols, dim=1), dim=0, sorted=True, return_inverse=True)
     n_out = int(inv.max()) + 1
@@ -199,8 +210,11 @@ def _voxel_indices(x64: torch.Tensor, z_raw: torch.Tensor, grid):  # x64: the [P
     dx, dy, dz = grid
     ix = torch.floor(x64[:, 0] / dx + 0.5).to(torch.int64)
     iy = torch.floor(x64[:, 1] / dy + 0.5).to(torch.int64)
-    if dz is None:
-        zvals, iz = torch.unique(z_raw, return_inverse=True)
+    if dz is None:  # one bin per distinct depth (per active layer for the simulator)
+        zq = torch.round(z_raw.to(torch.float64) / SAME_DEPTH).to(torch.int64)
+        iz = _rank(zq - zq.min())
+        zvals = torch.zeros(int(iz.max()) + 1, dtype=z_raw.dtype, device=z_raw.device)
+        zvals[iz] = z_raw
     else:
         iz = torch.floor(x64[:, 2] / dz + 0.5).to(torch.int64)
 
