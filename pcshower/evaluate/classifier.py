@@ -66,7 +66,7 @@ def gbdt_auc(generated: np.ndarray, reference: np.ndarray, *, test_fraction: flo
 class _DeepSets(nn.Module):
     """phi on each deposit, mean and sum pooling per shower, rho on the pooled vector."""
 
-    def __init__(self, in_features: int, cond_features: int, hidden: int = 64):
+    def __init__(self, in_features: int, cond_features: int, hidden: int = 32):
         super().__init__()
         self.phi = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(),
                                  nn.Linear(hidden, hidden), nn.ReLU())
@@ -94,8 +94,8 @@ def _gather_showers(feats: torch.Tensor, ptr: torch.Tensor, index: torch.Tensor)
 
 
 def deepsets_auc(generated: tuple, reference: tuple, *, test_fraction: float = 0.3,
-                 max_per_class: int | None = 20000, epochs: int = 8, batch_showers: int = 256,
-                 hidden: int = 64, lr: float = 2e-3, seed: int = 0) -> dict:
+                 max_per_class: int | None = 5000, epochs: int = 5, batch_showers: int = 128,
+                 hidden: int = 32, lr: float = 3e-3, seed: int = 0) -> dict:
     """Held-out ROC AUC of a Deep Sets network separating two samples of ragged deposits.
 
     Args:

@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="output directory")
     thr = p.add_mutually_exclusive_group()
     thr.add_argument("--threshold-mev", type=float, help="cell threshold in MeV")
-    thr.add_argument("--threshold-mip", type=float, default=0.5,
-                     help="cell threshold in MIP equivalents of the geometry (default 0.5)")
+    thr.add_argument("--threshold-mip", type=float,
+                     help="cell threshold in MIP equivalents of the geometry (default 0.5; "
+                          "CaloChallenge voxel files: their 15.15 keV)")
     p.add_argument("--max-showers", type=int, help="use at most this many showers of each sample")
     p.add_argument("--n-boot", type=int, default=10, help="reference splits for the floors (10)")
     p.add_argument("--seed", type=int, default=0)
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-classifier", action="store_true", help="skip the gradient-boosting test")
     p.add_argument("--no-network", action="store_true", help="skip the Deep Sets classifier test")
     p.add_argument("--no-distances", action="store_true", help="skip KPD and FPD")
-    p.add_argument("--network-epochs", type=int, default=8)
+    p.add_argument("--network-epochs", type=int, default=5)
     p.add_argument("--names", default="generated,reference",
                    help="labels of the two samples, comma separated")
     p.set_defaults(func=run)
@@ -127,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
         from pcshower.geometry import load_geometry
 
         geometry = load_geometry(args.geometry)
-        if threshold is None:
+        if threshold is None and args.threshold_mip is not None:
             threshold = mip_threshold_mev(geometry, args.threshold_mip)
+    elif args.threshold_mev is not None or args.threshold_mip is not None:
+        raise ValueError("a cell threshold needs cells: give --geometry too")
     progress = not getattr(args, "quiet", False)
     ref = load_sample(args.reference, name=names[1], geometry=geometry, threshold_mev=threshold,
                       max_showers=args.max_showers, seed=args.seed + 1, progress=progress)

@@ -136,19 +136,23 @@ def compare_with_floor(generated: dict, reference: dict, *, n_gen: int, n_ref: i
         n_gen, n_ref: numbers of showers of the two samples.
         generated_owner, reference_owner: name -> shower index of each entry, for spectra.
         n_boot: number of random reference splits.
+        bins: histogram bins for the separation power; fewer (down to 10) when a reference half
+            has under ``bins**2`` showers, so that bins are not mostly empty.
 
     Returns:
-        name -> ``{"w1": FloorResult, "separation_power": FloorResult, "edges": [...]}``.
+        name -> ``{"w1": FloorResult, "separation_power": FloorResult, "edges": [...]}`` for
+        the observables both samples have (e.g. a sample read as cell hits has no point count).
     """
-    missing = sorted(set(reference) - set(generated))
-    if missing:
-        raise ValueError(f"observables {missing} are in the reference but not in the generated "
-                         "sample: compare like with like (points with points, cells with cells)")
+    common = [k for k in reference if k in generated]
+    if not common:
+        raise ValueError("the two samples share no observable: compare like with like (points "
+                         "with points, cells with cells)")
     generated_owner, reference_owner = generated_owner or {}, reference_owner or {}
     splits = split_indices(n_ref, n_gen, n_boot, seed)
+    bins = int(min(bins, max(10, math.isqrt(max(n_ref // 2, 1)))))
     results = {}
-    for name, ref in reference.items():
-        ref = np.asarray(ref, dtype=np.float64)
+    for name in common:
+        ref = np.asarray(reference[name], dtype=np.float64)
         gen = np.asarray(generated[name], dtype=np.float64)
         ref_own, gen_own = reference_owner.get(name), generated_owner.get(name)
         edges = histogram_edges(ref, bins)

@@ -178,7 +178,8 @@ def event_display_cells(layer: np.ndarray, xy: np.ndarray, energy: np.ndarray, p
     xy = np.asarray(xy, dtype=np.float64)
     e = np.asarray(energy, dtype=np.float64)
     nl = int(num_layers or (layer.max() + 1 if layer.size else 1))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9), dpi=110)
+    fig.subplots_adjust(wspace=0.3)
     if e.size == 0:
         for ax in axes:
             ax.text(0.5, 0.5, "no hits", ha="center", transform=ax.transAxes)

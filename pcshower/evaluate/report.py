@@ -131,14 +131,15 @@ def sample_from_showers(showers, *, name: str, geometry=None, threshold_mev: flo
                         layer_edges=None, radial_edges=None, batch_size: int = 2000,
                         max_showers: int | None = None, keep_deposits: int = 20000,
                         examples: int = 3, seed: int = 0, progress: bool = True,
-                        total: int | None = None) -> EvaluationSample:
+                        total: int | None = None, transform_hits=None) -> EvaluationSample:
     """Evaluation sample from point clouds (a :class:`Showers` or an iterable of batches).
 
     With a ``geometry`` the showers are projected to its cells (with the geometry's sampling
     fluctuations, seeded) and the observables are those of the cell hits, plus the point count
     and point-energy spectrum; without one, the point observables. Pass the reference's
     ``settings["layer_edges"]``/``["radial_edges"]`` when building the generated sample so both
-    use the same bins (:func:`evaluate` does).
+    use the same bins (:func:`evaluate` does). ``transform_hits`` (CellHits -> CellHits) is
+    applied to each projected batch, e.g. to emulate a dead layer (:func:`drop_layers`).
     """
     gen = torch.Generator().manual_seed(seed)
     parts, seen = [], 0
@@ -158,6 +159,8 @@ def sample_from_showers(showers, *, name: str, geometry=None, threshold_mev: flo
             if radial_edges is None:
                 radial_edges = default_radial_edges(3.0 * float(geometry.rm_eff_mm), bins=12)
             hits = geometry.project(batch, generator=gen)
+            if transform_hits is not None:
+                hits = transform_hits(hits)
             cond = {"energy": batch.energy, "theta": batch.theta, "phi": batch.phi}
             obs = geometry_cell_observables(hits, geometry, cond, threshold_mev=threshold_mev,
                                             radial_edges=radial_edges, seed=seed + seen)
@@ -340,7 +343,9 @@ def _metrics(gen: EvaluationSample, ref: EvaluationSample, *, n_boot, seed, bins
              distances, kpd_batch, fpd_max) -> dict:
     gv, go = _one_dimensional(gen)
     rv, ro = _one_dimensional(ref)
+    only = sorted(set(rv) ^ set(gv))
     res = {"n_generated": len(gen), "n_reference": len(ref),
+           "not_compared": [k for k in only if "[" not in k],
            "observables": compare_with_floor(gv, rv, n_gen=len(gen), n_ref=len(ref),
                                              generated_owner=go, reference_owner=ro,
                                              n_boot=n_boot, bins=bins, seed=seed)}
@@ -378,7 +383,7 @@ def compare_samples(generated: EvaluationSample, reference: EvaluationSample, *,
                     seed: int = 0, bins: int = 40, classifier: bool = True, network: bool = True,
                     distances: bool = True, energy_bins=None, theta_bins=None,
                     kpd_batch: int = 5000, fpd_max: int = 20000, classifier_max: int = 50000,
-                    network_epochs: int = 8, min_bin_showers: int = 40) -> dict:
+                    network_max: int = 5000, network_epochs: int = 5, min_bin_showers: int = 40) -> dict:
     """All metrics of ``generated`` against ``reference``, each with its floor.
 
     Args:
@@ -411,7 +416,7 @@ def compare_samples(generated: EvaluationSample, reference: EvaluationSample, *,
                                      "features": "high-level observables + log E, theta"}
     if network and generated.deposits is not None and reference.deposits is not None:
         def run_net(a, b):
-            return deepsets_auc(a, b, epochs=network_epochs, seed=seed)
+            return deepsets_auc(a, b, epochs=network_epochs, max_per_class=network_max, seed=seed)
 
         value, floor = _auc_floor(run_net, generated.deposits, reference.deposits, seed)
         result["classifier_deepsets"] = {"auc": value["auc"], "floor_auc": floor["auc"],
