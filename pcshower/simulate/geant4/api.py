@@ -7,8 +7,11 @@ point). Points are NOT merged: the production loop applies ``pcshower.simulate.r
 Physics frame (DESIGN.md: the full deposition of the shower in the homogeneous equivalent medium,
 depth in X0, transverse in R_M, energy as a fraction of the incident energy): each point r is
 rotated into the shower-axis frame (z' along the incident direction d, x' in the plane of d and the
-stack normal, y' = z' × x'), then z'/X0_eff and x', y'/R_M,eff with X0_eff and R_M,eff of
-``stack.effective_medium()`` (Grindhammer & Peters rules). Point energies are rescaled per
+stack normal, y' = z' × x'); the depth z' (mm along the axis) becomes the radiation lengths the
+axis has crossed in the real slabs to that point, X0(z' cos θ) / cos θ with X0(·) the stack's
+piecewise-linear ``x0_edges`` (the inverse of the parametrised engine's placement; on average
+this is z'/X0_eff), and x', y' are divided by R_M,eff of ``stack.effective_medium()``
+(Grindhammer & Peters rules). Point energies are rescaled per
 shower by (energy deposited in ALL slabs) / (energy deposited in active slabs), so each shower's
 fractions sum to the energy it left in the stack (E - leakage) over E: the sampling fluctuation
 is divided out and the deposit of the passive layers is carried by the sampled active points.
@@ -54,12 +57,15 @@ def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) 
     basis = shower_axis_basis(np.broadcast_to(theta, (n,)), np.broadcast_to(phi, (n,)))[shower]
     local = np.einsum("pij,pj->pi", basis, pts[:, :3])
     eff = stack.effective_medium()
+    cos_t = np.cos(np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,)))[shower]
+    normal_depth = local[:, 2] * cos_t
+    depth_x0 = np.interp(normal_depth, stack.z_edges_mm, stack.x0_edges,
+                         left=0.0, right=stack.total_x0) / cos_t
     active = np.zeros(n)
     np.add.at(active, shower, pts[:, 3])
     scale = np.divide(record.deposited_mev, active, out=np.zeros(n), where=active > 0)
     e_frac = pts[:, 3] * scale[shower] / (np.asarray(energy_gev, dtype=np.float64)[shower] * 1000.0)
-    return np.stack([local[:, 0] / eff.rm_mm, local[:, 1] / eff.rm_mm, local[:, 2] / eff.x0_mm,
-                     e_frac], axis=1)
+    return np.stack([local[:, 0] / eff.rm_mm, local[:, 1] / eff.rm_mm, depth_x0, e_frac], axis=1)
 
 
 def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,

@@ -86,6 +86,7 @@ def _summary(obs: dict) -> dict:
     res = ew.std(ddof=1) / ew.mean()
     return {"n": n, "evis_over_e_mev_per_gev": float(evis.mean() / e),
             "evis_over_e_err": float(evis.std(ddof=1) / math.sqrt(n) / e),
+            "ew_over_e_mev_per_gev": float(ew.mean() / e),
             "resolution": float(res), "resolution_err": float(res / math.sqrt(2 * (n - 1))),
             "resolution_sqrtE": float(res * math.sqrt(e)),
             "hits_mean": float(obs["hits"].mean()), "points_mean": float(obs["points"].mean()),
@@ -166,7 +167,7 @@ def plot(results: dict, stack: Stack, out: Path) -> list[Path]:
         fig.savefig(f, dpi=90)
         plt.close(fig)
         files.append(f)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
     for engine, marker in (("geant4", "o"), ("parametrised", "s")):
         for th in thetas:
             rs = [results[t] for t in tags if results[t]["theta_deg"] == th]
@@ -174,12 +175,14 @@ def plot(results: dict, stack: Stack, out: Path) -> list[Path]:
             lab = f"{engine}, θ={th:g}°"
             axes[0].errorbar(e, [r[engine]["evis_over_e_mev_per_gev"] for r in rs],
                              [r[engine]["evis_over_e_err"] for r in rs], marker=marker, ls="-", label=lab)
-            axes[1].errorbar(e, [r[engine]["resolution"] for r in rs], [r[engine]["resolution_err"] for r in rs],
+            axes[1].plot(e, [r[engine]["ew_over_e_mev_per_gev"] for r in rs], marker=marker, ls="-", label=lab)
+            axes[2].errorbar(e, [r[engine]["resolution"] for r in rs], [r[engine]["resolution_err"] for r in rs],
                              marker=marker, ls="-", label=lab)
-            axes[2].plot(e, [r[engine]["hits_mean"] for r in rs], marker=marker, label=lab)
+            axes[3].plot(e, [r[engine]["hits_mean"] for r in rs], marker=marker, label=lab)
     ee = np.linspace(8, 95, 50)
-    axes[1].plot(ee, np.hypot(0.166 / np.sqrt(ee), 0.011), "k--", label="CALICE SiW: 16.6%/√E ⊕ 1.1%")
-    for ax, yl in zip(axes, ("<E_vis>/E [MeV/GeV]", "σ(E_w)/<E_w>", "hit cells (> 0.1 MeV)")):
+    axes[2].plot(ee, np.hypot(0.166 / np.sqrt(ee), 0.011), "k--", label="CALICE SiW: 16.6%/√E ⊕ 1.1%")
+    for ax, yl in zip(axes, ("<E_vis>/E [MeV/GeV]", "<E_w>/E (thick layers x2) [MeV/GeV]", "σ(E_w)/<E_w>",
+                             "hit cells (> 0.1 MeV)")):
         ax.set_xlabel("E [GeV]")
         ax.set_ylabel(yl)
         ax.legend(fontsize=6)
@@ -192,19 +195,38 @@ def plot(results: dict, stack: Stack, out: Path) -> list[Path]:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| E [GeV] | θ to normal | n G4 / param | E_vis/E [MeV/GeV] G4 | param | σ/E G4 | param | hit cells G4 | param | raw points G4 | param |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| E [GeV] | θ to normal | n G4 / param | E_vis/E [MeV/GeV] G4 | param | E_w/E G4 | param | σ(E_w)/E_w G4 | param | hit cells G4 | param | raw points G4 | param |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         g, p = r["geant4"], r["parametrised"]
         rows.append(f"| {r['energy_gev']:g} | {r['theta_deg']:g}° | {g['n']} / {p['n']} | "
                     f"{g['evis_over_e_mev_per_gev']:.2f} ± {g['evis_over_e_err']:.2f} | {p['evis_over_e_mev_per_gev']:.2f} | "
+                    f"{g['ew_over_e_mev_per_gev']:.2f} | {p['ew_over_e_mev_per_gev']:.2f} | "
                     f"{100 * g['resolution']:.2f} ± {100 * g['resolution_err']:.2f}% | {100 * p['resolution']:.2f}% | "
                     f"{g['hits_mean']:.0f} | {p['hits_mean']:.0f} | {g['points_mean']:.0f} | {p['points_mean']:.0f} |")
     return "\n".join(rows)
 
 
+def geant4_resolution(stack: Stack, points_per_energy: dict, seed: int = 7) -> dict:
+    """Geant4 only: linearity and resolution of normal-incidence photons (for the tables study)."""
+    from pcshower.simulate.geant4 import simulate_geant4
+    from pcshower.simulate.geant4.datasets import configure_geant4_data
+
+    out = {"tables": configure_geant4_data().get("tables", "real data")}
+    for energy, n in points_per_energy.items():
+        sh = simulate_geant4(np.full(n, energy), 0.0, 0.0, 22, stack, seed=seed, frame="detector")
+        o = shower_observables(sh.points.numpy(), sh.ptr.numpy(), np.full(n, energy), np.zeros(n), np.zeros(n), stack)
+        s = _summary(o)
+        out[f"{energy:g}"] = {k: s[k] for k in ("n", "evis_over_e_mev_per_gev", "evis_over_e_err", "resolution",
+                                                "resolution_err", "resolution_sqrtE", "hits_mean")}
+        print(json.dumps({f"{energy:g}": out[f"{energy:g}"]}), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Parametrised engine vs Geant4 in the ILD stack")
+    ap.add_argument("--resolution-only", default=None, metavar="E:N,E:N",
+                    help="Geant4 only: resolution of N photons at each E GeV (tables study)")
     ap.add_argument("--out", default="docs/img", help="folder for the PNGs")
     ap.add_argument("--cache", default=None, help="folder to keep the Geant4 showers (npz) between runs")
     ap.add_argument("--n", type=int, nargs=3, default=(300, 100, 60), help="Geant4 showers at 10/50/90 GeV")
@@ -217,6 +239,12 @@ def main(argv=None) -> int:
     from pcshower.geometry import load_geometry
 
     stack = load_geometry("ild").stack
+    if args.resolution_only:
+        pairs = dict((float(a), int(b)) for a, b in (x.split(":") for x in args.resolution_only.split(",")))
+        res = geant4_resolution(stack, pairs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     res = compare_engines(stack, n_geant4=tuple(args.n), n_param=args.n_param,
                           cache=Path(args.cache) if args.cache else None)
     plot(res, stack, Path(args.out))
