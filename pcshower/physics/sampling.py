@@ -41,6 +41,7 @@ thick scintillator or liquid-argon gaps the Landau part is smaller; pass a small
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -96,6 +97,12 @@ def sampling_layers(stack: Stack) -> SamplingLayers:
     """The sampling cells of ``stack`` and their constants (see the module docstring)."""
     if not isinstance(stack, Stack):
         raise TypeError(f"expected a pcshower.physics.Stack, got {type(stack).__name__}")
+    # computed once per stack (stacks are immutable), handed out as private copies
+    return SamplingLayers(**{k: v.copy() for k, v in _sampling_arrays(stack).items()})
+
+
+@functools.lru_cache(maxsize=64)
+def _sampling_arrays(stack: Stack) -> dict:
     active = stack.active_mask
     if not active.any():
         raise ValueError(f"stack {stack.name!r} has no active slab: mark the sensitive slabs "
@@ -137,9 +144,9 @@ def sampling_layers(stack: Stack) -> SamplingLayers:
         else:  # a fully active cell: what is deposited is seen, without sampling fluctuations
             ehat[c] = 1.0
             crossing[c] = 0.0
-    return SamplingLayers(z_edges_mm=edges, cell_of_slab=cell, active_z_mm=active_z,
-                          sampling_fraction=f_mip * ehat, mip_fraction=f_mip, e_over_mip=ehat,
-                          crossing_mev=crossing)
+    return dict(z_edges_mm=edges, cell_of_slab=cell, active_z_mm=active_z,
+                sampling_fraction=f_mip * ehat, mip_fraction=f_mip, e_over_mip=ehat,
+                crossing_mev=crossing)
 
 
 def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:

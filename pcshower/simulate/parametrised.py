@@ -136,18 +136,15 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
     e_mev = points[:, 3] * (energy.to(dt) * 1000.0)[seg]
     layer, visible = to_active_layers(z, e_mev, seg, stack, generator=generator,
                                       crossing_rms=crossing_rms)
-    keep = (layer >= 0) & (visible > 0)
-    idx = torch.nonzero(keep).flatten()
-    layer, seg, visible = layer[idx], seg[idx], visible[idx]
-    st, ct, sp, cp = st[idx], ct[idx], sp[idx], cp[idx]
-    along, xt, yt, z = along[idx], xt[idx], yt[idx], z[idx]
     z_mid = torch.as_tensor(sampling_layers(stack).active_center_mm, dtype=dt,
-                            device=points.device)[layer]
+                            device=points.device)[layer.clamp_min(0)]
     # move each deposit along the shower direction onto the middle plane of its active slab
     along = along + (z_mid - z) / ct
     x = along * st * cp + xt * ct * cp - yt * sp
     y = along * st * sp + xt * ct * sp + yt * cp
-    out = torch.stack([x, y, z_mid, visible], dim=1)
+    idx = torch.nonzero((layer >= 0) & (visible > 0)).flatten()
+    out = torch.stack([x, y, z_mid, visible], dim=1)[idx]
+    seg = seg[idx]
     new_counts = torch.bincount(seg, minlength=energy.numel())
     return out, new_counts
 
