@@ -22,6 +22,7 @@ from pcshower.geometry import load_geometry
 
 def synthetic_showers(n: int, points: int, device, seed: int = 0) -> Showers:
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # torch.distributions draws from the global generator
     total = n * points
     depth = torch.distributions.Gamma(torch.tensor(4.0), torch.tensor(0.5)).sample((total,))
     xy = torch.randn(total, 2, generator=g)
