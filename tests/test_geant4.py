@@ -198,3 +198,27 @@ def test_bad_input_messages():
         simulate_geant4([2.0], math.pi / 2, 0.0, 22, ild_like(), seed=1)
     with pytest.raises(ValueError, match="frame"):
         simulate_geant4([2.0], 0.0, 0.0, 22, ild_like(), seed=1, frame="lab")
+
+
+@needs_g4
+def test_physics_frame_depth_follows_the_slabs_radiation_lengths():
+    from pcshower.simulate.geant4 import simulate_geant4
+
+    stack = ild_like()
+    det = simulate_geant4([2.0, 3.0], 0.0, 0.0, 22, stack, seed=4, frame="detector")
+    phys = simulate_geant4([2.0, 3.0], 0.0, 0.0, 22, stack, seed=4, frame="physics")
+    assert torch.equal(det.ptr, phys.ptr)  # same showers, same points
+    z_mm = det.points[:, 2].double().numpy()
+    expected = np.interp(z_mm, stack.z_edges_mm, stack.x0_edges)
+    np.testing.assert_allclose(phys.points[:, 2].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    rm = stack.effective_medium().rm_mm
+    np.testing.assert_allclose(phys.points[:, 0].double().numpy() * rm, det.points[:, 0].double().numpy(),
+                               rtol=1e-4, atol=1e-3)
+
+
+@needs_g4
+def test_empty_request_gives_empty_showers():
+    from pcshower.simulate.geant4 import simulate_geant4
+
+    s = simulate_geant4([], 0.0, 0.0, 22, ild_like(), seed=1)
+    assert s.num_showers == 0 and s.points.shape == (0, 4)

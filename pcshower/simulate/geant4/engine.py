@@ -22,6 +22,7 @@ does not depend on how a job is split into calls, and the same seed gives identi
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from pcshower.physics.stack import Stack
 from pcshower.simulate.geant4.datasets import ELECTRON_MASS_MEV, configure_geant4_data
 
 __all__ = ["Geant4Engine", "EventRecord", "get_engine", "PDG_TO_G4"]
+
+log = logging.getLogger(__name__)
 
 #: PDG code → Geant4 particle name for the guns pcshower supports.
 PDG_TO_G4 = {22: "gamma", 11: "e-", -11: "e+", 211: "pi+", -211: "pi-", 13: "mu-", -13: "mu+",
@@ -132,6 +135,9 @@ class Geant4Engine:
         if self.cut_mm != DEFAULT_CUT_MM:
             # works, but the wheel then crashes while deleting its particle table at interpreter
             # exit (geant4-pybind 0.1.3, seen with any cut change); the default needs no call
+            log.warning("production cut %g mm: results are fine, but geant4-pybind 0.1.3 crashes "
+                        "at interpreter exit after any cut change (keep 0.7 mm for a clean exit)",
+                        self.cut_mm)
             plist.SetDefaultCutValue(self.cut_mm * g4.mm)
         self._keep.append(plist)
         return plist
@@ -397,6 +403,11 @@ class Geant4Engine:
         if np.any(np.abs(theta) >= 0.5 * math.pi):
             raise ValueError("theta is the angle to the stack normal and must be below 90 degrees "
                              "(pi/2 rad)")
+        n_slabs = len(stack.slabs)
+        if n == 0:
+            return EventRecord(points=np.zeros((0, 4)), ptr=np.zeros(1, dtype=np.int64),
+                               slab_edep_mev=np.zeros((0, n_slabs)), leakage_mev=np.zeros(0),
+                               active_steps=np.zeros(0, dtype=np.int64))
         # one geometry per call: centred on the mean axis (slabs are wide enough for the spread)
         self.set_geometry(stack, transverse_mm, float(np.mean(theta)), float(np.mean(phi)))
         direction = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
