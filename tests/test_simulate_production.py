@@ -64,8 +64,10 @@ def test_conditions_are_deterministic_per_seed_and_shard():
 def test_production_writes_shards_with_provenance_and_resumes_exactly(tmp_path):
     full = tmp_path / "full"
     summary = _produce(full)
+    points = (summary.pop("points_per_shower_before"), summary.pop("points_per_shower_after"))
     assert summary == {"directory": str(full), "shards": 3, "written": 3, "already_done": 0,
                        "showers": 25}
+    assert points[0] > points[1] > 0
     assert [p.name for p in list_shards(full)] == ["shard-00000.parquet", "shard-00001.parquet",
                                                    "shard-00002.parquet"]
     ref = read_parquet(full)
@@ -100,7 +102,8 @@ def test_cli_simulate_detector_frame(tmp_path, capsys):
                "0:40", "--n", "6", "--shard-size", "4", "--frame", "detector", "--out", str(out),
                "--workers", "1", "--no-progress"])
     assert rc == 0
-    assert "6 showers in 2 shards" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 showers in 2 shards" in printed and "after reduction" in printed
     s = read_parquet(out)
     assert s.frame == "detector" and len(s) == 6
     assert (s.energy >= 5).all() and (s.energy <= 20).all()

@@ -72,4 +72,7 @@ def _run(args) -> int:
                       workers=args.workers, progress=not args.no_progress)
     print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
           f"({summary['written']} written now, {summary['already_done']} already done)")
+    if "points_per_shower_before" in summary:
+        print(f"points per shower: {summary['points_per_shower_before']:.0f} simulated, "
+              f"{summary['points_per_shower_after']:.0f} after reduction")
     return 0

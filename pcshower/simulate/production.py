@@ -192,7 +192,8 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         Other arguments as in :func:`pcshower.simulate.simulate`.
 
     Returns:
-        A summary: shards written now, shards found done, showers, directory.
+        A summary: directory, shards, shards written now and found done, showers, and the mean
+        points per shower before and after reduction of the showers made now.
     """
     layered, geometry, name = _resolve_stack_arg(stack)
     cfg = RunConfig(n=int(n) if not isinstance(n, bool) else n,
@@ -230,23 +231,31 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         from tqdm.auto import tqdm
         remaining = sum(cfg.shard_bounds(t[0])[1] - cfg.shard_bounds(t[0])[0] for t in pending)
         bar = tqdm(total=remaining, unit="shower", desc=f"simulate -> {out}")
+    points = np.zeros(2, dtype=np.int64)  # before and after reduction, shards written now
     try:
         if n_workers <= 1:
-            for job in jobs:
-                k = _run_shard(job)
+            results = map(_run_shard, jobs)
+            for k, before, after in results:
+                points += (before, after)
                 if bar is not None:
                     bar.update(k)
         elif jobs:
             ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread state
             with ctx.Pool(n_workers) as pool:
-                for k in pool.imap_unordered(_run_shard, jobs):
+                for k, before, after in pool.imap_unordered(_run_shard, jobs):
+                    points += (before, after)
                     if bar is not None:
                         bar.update(k)
     finally:
         if bar is not None:
             bar.close()
-    return {"directory": str(out), "shards": cfg.num_shards, "written": len(jobs),
-            "already_done": done_before, "showers": cfg.n}
+    made = sum(cfg.shard_bounds(j[5])[1] - cfg.shard_bounds(j[5])[0] for j in jobs)
+    summary = {"directory": str(out), "shards": cfg.num_shards, "written": len(jobs),
+               "already_done": done_before, "showers": cfg.n}
+    if made:
+        summary["points_per_shower_before"] = float(points[0]) / made
+        summary["points_per_shower_after"] = float(points[1]) / made
+    return summary
 
 
 def _check_or_write_manifest(out: Path, manifest: dict):
@@ -280,13 +289,14 @@ def _run_shard(job) -> int:
     run = get_engine(cfg.engine, **cfg.engine_options)
     showers = run(energy, theta_l, phi_l, cfg.particle, stack, seed, cfg.frame)
     showers = finish(showers, energy, theta, phi, cfg.particle, geometry_name, angles_local)
+    before = showers.total_points
     if cfg.reduce:
         showers = reduce_points(showers, _grid_from_json(cfg.grid))
     a, b = cfg.shard_bounds(i)
     write_parquet(Path(out) / shard_name(i), showers,
                   metadata={"seed": cfg.seed, "shard": i, "shard_seed": seed,
                             "first_shower": a, "run": cfg.to_json()})
-    return b - a
+    return b - a, before, showers.total_points
 
 
 # keep the preset table importable from here for the CLI's help text
