@@ -448,3 +448,21 @@ def test_cli_geometry_list_and_show(tmp_path, capsys):
     assert "40500" in out and png.stat().st_size > 10_000
     assert main(["geometry", "show", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_inclined_readout_refuses_a_stack_and_unknown_placement(tmp_path):
+    import yaml
+
+    from pcshower.geometry import builtin_geometry_dir
+
+    doc = yaml.safe_load((builtin_geometry_dir() / "allegro.yaml").read_text())
+    doc["stack"] = [{"slabs": [{"material": "Pb", "thickness_mm": 2.0},
+                               {"material": "LAr", "thickness_mm": 4.0, "active": True}]}]
+    with pytest.raises(GeometryError, match="stack: an inclined readout derives its radial stack"):
+        load_geometry(write(tmp_path, yaml.safe_dump(doc), "a.yaml"))
+    del doc["stack"]
+    doc["readout"]["merged_modules"] = [2] * 10
+    with pytest.raises(GeometryError, match=r"readout.merged_modules: expected 11 entries"):
+        load_geometry(write(tmp_path, yaml.safe_dump(doc), "b.yaml"))
+    with pytest.raises(GeometryError, match="placement.torus: unknown placement kind"):
+        load_geometry(write(tmp_path, GOOD.replace("  plane:", "  torus:"), "c.yaml"))

@@ -20,7 +20,7 @@ Validation happens once, here, at the edge; the rest of the package trusts the p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class GeometrySpec:
     stack: list[StackGroup]
     readout: dict[str, Any]
     placement: dict[str, dict[str, Any]]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _MISSING = object()
@@ -363,5 +362,8 @@ def _cross_check(c: _Checker, spec: GeometrySpec) -> None:
                                  f"got {len(spec.readout['layers'])}")
     if kind == "planar" and not ({"plane", "polygon_barrel", "endcaps"} & set(spec.placement)):
         c.fail("placement", "a planar readout needs plane, polygon_barrel or endcaps modules")
+    if kind == "inclined" and spec.stack:
+        c.fail("stack", "an inclined readout derives its radial stack from the plate description; "
+                        "leave stack out")
     if kind == "inclined" and spec.placement:
         c.fail("placement", "an inclined readout is placed by its own radii; leave placement out")
