@@ -37,6 +37,13 @@ def _open(path: Path) -> h5py.File:
         raise ValueError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}") from None
 
 
+def _require(f: h5py.File, path: Path, keys: tuple[str, ...], what: str) -> None:
+    for key in keys:
+        if key not in f:
+            raise ValueError(f"{path}: not a {what} file (no '{key}' dataset; found "
+                             f"{sorted(f.keys())})")
+
+
 def hdf5_kind(path: str | os.PathLike) -> str:
     """``"calochallenge"``, ``"caloclouds"`` or ``"unknown"`` by the datasets a file holds."""
     with _open(Path(path)) as f:
@@ -77,10 +84,7 @@ def read_calochallenge(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     """Read a CaloChallenge file: ``(incident_energies_mev [N], showers_mev [N, V])``."""
     path = Path(path)
     with _open(path) as f:
-        for key in ("incident_energies", "showers"):
-            if key not in f:
-                raise ValueError(f"{path}: not a CaloChallenge file (no '{key}' dataset; found "
-                                 f"{sorted(f.keys())})")
+        _require(f, path, ("incident_energies", "showers"), "CaloChallenge")
         inc = f["incident_energies"][:].reshape(-1)
         vox = f["showers"][:]
     if vox.ndim != 2 or vox.shape[0] != inc.shape[0]:
@@ -127,10 +131,7 @@ def read_caloclouds(path: str | os.PathLike, *, frame: str | None = None,
     """
     path = Path(path)
     with _open(path) as f:
-        for key in ("events", "energy"):
-            if key not in f:
-                raise ValueError(f"{path}: not a CaloClouds-style file (no '{key}' dataset; found "
-                                 f"{sorted(f.keys())})")
+        _require(f, path, ("events", "energy"), "CaloClouds-style")
         events = f["events"][:]
         energy = f["energy"][:].reshape(-1)
         if events.ndim != 3 or events.shape[1] != 4 or events.shape[0] != energy.shape[0]:
