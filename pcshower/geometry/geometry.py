@@ -24,7 +24,6 @@ assigned to cells directly.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
