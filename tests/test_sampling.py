@@ -150,3 +150,15 @@ def test_sample_gamma_moments(shape):
     assert (x >= 0).all()
     assert sample_gamma(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
     assert sample_gamma(torch.ones(3, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_segment_index_equals_binary_search(dtype):
+    from pcshower.physics.sampling import segment_index
+    stack = ild_stack()
+    for edges in (stack.z_edges_mm, stack.x0_edges):
+        e = torch.as_tensor(edges, dtype=dtype)
+        values = torch.cat([torch.rand(100_000, generator=_gen(3), dtype=dtype) * 1.2 * e[-1]
+                            - 0.1 * e[-1], e, torch.nextafter(e, e - 1), torch.nextafter(e, e + 1)])
+        expected = torch.searchsorted(e, values, right=True) - 1
+        assert torch.equal(segment_index(values, edges), expected)

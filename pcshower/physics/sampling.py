@@ -52,7 +52,7 @@ from pcshower.physics.materials import E_SCALE_MEV
 from pcshower.physics.stack import Stack
 
 __all__ = ["SamplingLayers", "sampling_layers", "to_active_layers", "depth_x0_to_mm",
-           "sample_gamma", "DEFAULT_CROSSING_RMS"]
+           "segment_index", "sample_gamma", "DEFAULT_CROSSING_RMS"]
 
 #: Default relative r.m.s. ``kappa`` of the energy one track crossing deposits in an active layer.
 DEFAULT_CROSSING_RMS = 1.0
@@ -149,6 +149,31 @@ def _sampling_arrays(stack: Stack) -> dict:
                 crossing_mev=crossing)
 
 
+def segment_index(values: torch.Tensor, edges) -> torch.Tensor:
+    """Index ``i`` with ``edges[i] <= v < edges[i+1]`` for each value (-1 below, ``S`` above).
+
+    The same as ``torch.searchsorted(edges, values, right=True) - 1`` but through a lookup table
+    of bins no wider than the thinnest segment (so a bin holds at most one boundary) and one
+    correction each way: two gathers instead of a binary search per value.
+    """
+    e = torch.as_tensor(np.asarray(edges), dtype=values.dtype, device=values.device)
+    n_seg = e.numel() - 1
+    width = float((e[1:] - e[:-1]).min()) if n_seg > 0 else 0.0
+    span = float(e[-1] - e[0]) if n_seg > 0 else 0.0
+    if width <= 0 or span / width > 1e6 or not values.is_floating_point():
+        return torch.searchsorted(e, values.contiguous(), right=True) - 1
+    h = 0.999 * width
+    n_bins = int(math.ceil(span / h)) + 1
+    starts = e[0] + h * torch.arange(n_bins + 1, dtype=values.dtype, device=values.device)
+    table = torch.searchsorted(e, starts, right=True) - 1
+    k = torch.floor((values - e[0]) / h).clamp(0, n_bins).to(torch.int64)
+    seg = table[k].clamp(0, n_seg - 1)
+    seg = seg + (values >= e[seg + 1]).to(torch.int64)
+    seg = seg - (values < e[seg.clamp(max=n_seg)]).to(torch.int64)
+    seg = torch.where(values < e[0], torch.full_like(seg, -1), seg)
+    return torch.where(values >= e[-1], torch.full_like(seg, n_seg), seg)
+
+
 def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
     """Depth in radiation lengths traversed (along the stack normal) to depth in mm.
 
@@ -160,8 +185,7 @@ def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
     x0e = torch.as_tensor(stack.x0_edges, dtype=dt, device=depth_x0.device)
     zmm = torch.as_tensor(stack.z_edges_mm, dtype=dt, device=depth_x0.device)
     t = depth_x0.to(dt)
-    seg = torch.searchsorted(x0e, t.contiguous(), right=True) - 1
-    seg = seg.clamp(0, x0e.numel() - 2)
+    seg = segment_index(t, stack.x0_edges).clamp(0, x0e.numel() - 2)
     slope = (zmm[1:] - zmm[:-1]) / (x0e[1:] - x0e[:-1])
     z = zmm[seg] + (t - x0e[seg]) * slope[seg]
     mm_per_x0 = float(stack.total_thickness_mm / stack.total_x0)
@@ -244,10 +268,8 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
     layers = sampling_layers(stack)
     dev = z_mm.device
     dt = e_mev.dtype if e_mev.is_floating_point() else torch.float64
-    edges = torch.as_tensor(layers.z_edges_mm, dtype=z_mm.dtype if z_mm.is_floating_point()
-                            else torch.float64, device=dev)
     cell = torch.as_tensor(layers.cell_of_slab, dtype=torch.int64, device=dev)
-    slab = torch.searchsorted(edges, z_mm.to(edges.dtype).contiguous(), right=True) - 1
+    slab = segment_index(z_mm if z_mm.is_floating_point() else z_mm.double(), layers.z_edges_mm)
     inside = (slab >= 0) & (slab < cell.numel())
     layer = torch.where(inside, cell[slab.clamp(0, cell.numel() - 1)], torch.full_like(slab, -1))
     seen = layer >= 0
