@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/bench_projection.py [--geometry ild] [--showers 200] [--points 5000]
 The showers are synthetic physics-frame clouds with shower-like shapes (Gamma-distributed depth,
-Gaussian core of 1 R_M), normally incident on the barrel; timing is the median of ``--repeat``
-calls of ``Geometry.project`` after one warm-up call.
+Gaussian core of 1 R_M), all with one direction (normal incidence on a barrel) or, with
+``--spread``, each with its own; timing is the median of ``--repeat`` calls of
+``Geometry.project`` after one warm-up call.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pcshower import Showers
 from pcshower.geometry import load_geometry
 
 
-def synthetic_showers(n: int, points: int, device, seed: int = 0) -> Showers:
+def synthetic_showers(n: int, points: int, device, seed: int = 0, spread: bool = False) -> Showers:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # torch.distributions draws from the global generator
     total = n * points
@@ -28,9 +29,15 @@ def synthetic_showers(n: int, points: int, device, seed: int = 0) -> Showers:
     xy = torch.randn(total, 2, generator=g)
     e = torch.full((total,), 1.0 / points)
     pts = torch.cat([xy, depth[:, None], e[:, None]], dim=1)
-    theta = {"ild": math.pi / 2, "cld": math.pi / 2, "allegro": math.pi / 2}
+    barrel = kind_of(ARGS.geometry) != "plane"
+    theta = torch.full((n,), math.pi / 2 if barrel else 0.0)
+    phi = torch.full((n,), 0.1)
+    if spread:  # every shower its own direction (and, in a barrel, its own stave)
+        phi = torch.rand(n, generator=g) * 2 * math.pi
+        theta = theta + (torch.rand(n, generator=g) - 0.5) * (0.6 if barrel else 0.0) + (
+            0.0 if barrel else torch.rand(n, generator=g) * 0.5)
     return Showers.from_counts(pts, [points] * n, energy=torch.full((n,), 50.0),
-                               theta=theta.get(kind_of(ARGS.geometry), 0.0), phi=0.1).to(device)
+                               theta=theta, phi=phi).to(device)
 
 
 def kind_of(name):
@@ -62,12 +69,15 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--spread", action="store_true",
+                   help="a different direction per shower (default: one shared direction)")
     ARGS = p.parse_args()
     torch.set_num_threads(ARGS.threads)
     device = torch.device(ARGS.device)
     geo = load_geometry(ARGS.geometry)
-    showers = synthetic_showers(ARGS.showers, ARGS.points, device)
+    showers = synthetic_showers(ARGS.showers, ARGS.points, device, spread=ARGS.spread)
     result = {"geometry": geo.name, "device": str(device), "threads": ARGS.threads,
+              "directions": "one per shower" if ARGS.spread else "shared",
               "showers": ARGS.showers, "points_per_shower": ARGS.points}
     for fluctuate in (False, True):
         t = time_projection(geo, showers, ARGS.repeat, fluctuate, device)

@@ -229,8 +229,11 @@ class Geometry:
         total = pts.shape[0]
         batch = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
         # per-shower numbers expanded to points column by column (1-D repeat_interleave is several
-        # times cheaper than gathering rows by the batch index)
+        # times cheaper than gathering rows by the batch index); a number shared by every shower
+        # of the batch (same module, same direction) stays a scalar that broadcasts
         def expand(per_shower: torch.Tensor) -> torch.Tensor:
+            if n and bool((per_shower == per_shower[0]).all()):
+                return per_shower[0]
             return torch.repeat_interleave(per_shower, counts, output_size=total)
 
         module = expand(frames.module)
@@ -308,7 +311,7 @@ class Geometry:
         if not off.numel():
             return module, False
         o, u, v, n = (t.to(dev) for t in (mods.origin, mods.u, mods.v, mods.n))
-        m = module[off]
+        m = module.expand(local.shape[0])[off]
         p = local[off]
         g = o[m] + p[:, 0:1] * u[m] + p[:, 1:2] * v[m] + p[:, 2:3] * n[m]
         step = 2 * math.pi / self._staves
@@ -316,7 +319,7 @@ class Geometry:
                             self._staves).long()
         rel = g - o[k]
         local[off] = torch.stack([(rel * u[k]).sum(1), (rel * v[k]).sum(1), (rel * n[k]).sum(1)], 1)
-        module = module.clone()
+        module = module.expand(local.shape[0]).clone()
         module[off] = k
         return module, True
 
