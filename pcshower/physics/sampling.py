@@ -167,9 +167,9 @@ def segment_index(values: torch.Tensor, edges) -> torch.Tensor:
     starts = e[0] + h * torch.arange(n_bins + 1, dtype=values.dtype, device=values.device)
     table = torch.searchsorted(e, starts, right=True) - 1
     k = torch.floor((values - e[0]) / h).clamp(0, n_bins).to(torch.int64)
-    seg = table[k].clamp(0, n_seg - 1)
-    seg = seg + (values >= e[seg + 1]).to(torch.int64)
-    seg = seg - (values < e[seg.clamp(max=n_seg)]).to(torch.int64)
+    seg = table.index_select(0, k).clamp(0, n_seg - 1)
+    seg = seg + (values >= e.index_select(0, seg + 1)).to(torch.int64)
+    seg = seg - (values < e.index_select(0, seg.clamp(max=n_seg))).to(torch.int64)
     seg = torch.where(values < e[0], torch.full_like(seg, -1), seg)
     return torch.where(values >= e[-1], torch.full_like(seg, n_seg), seg)
 
@@ -187,7 +187,7 @@ def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
     t = depth_x0.to(dt)
     seg = segment_index(t, stack.x0_edges).clamp(0, x0e.numel() - 2)
     slope = (zmm[1:] - zmm[:-1]) / (x0e[1:] - x0e[:-1])
-    z = zmm[seg] + (t - x0e[seg]) * slope[seg]
+    z = zmm.index_select(0, seg) + (t - x0e.index_select(0, seg)) * slope.index_select(0, seg)
     mm_per_x0 = float(stack.total_thickness_mm / stack.total_x0)
     z = torch.where(t < 0, t * mm_per_x0, z)
     z = torch.where(t > x0e[-1], zmm[-1] + (t - x0e[-1]) * mm_per_x0, z)
@@ -271,15 +271,16 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
     cell = torch.as_tensor(layers.cell_of_slab, dtype=torch.int64, device=dev)
     slab = segment_index(z_mm if z_mm.is_floating_point() else z_mm.double(), layers.z_edges_mm)
     inside = (slab >= 0) & (slab < cell.numel())
-    layer = torch.where(inside, cell[slab.clamp(0, cell.numel() - 1)], torch.full_like(slab, -1))
+    layer = torch.where(inside, cell.index_select(0, slab.clamp(0, cell.numel() - 1)),
+                        torch.full_like(slab, -1))
     seen = layer >= 0
     lidx = layer.clamp_min(0)
-    frac = torch.as_tensor(layers.sampling_fraction, dtype=dt, device=dev)[lidx]
+    frac = torch.as_tensor(layers.sampling_fraction, dtype=dt, device=dev).index_select(0, lidx)
     mean = torch.where(seen, frac * e_mev.to(dt), torch.zeros((), dtype=dt, device=dev))
     if not fluctuate:
         return layer, mean
     scale = torch.as_tensor(layers.crossing_mev * (1.0 + crossing_rms ** 2), dtype=dt,
-                            device=dev)[lidx]
+                            device=dev).index_select(0, lidx)
     sampled = seen & (scale > 0) & (mean > 0)
     if bool(sampled.all()):
         return layer, sample_gamma(mean / scale, generator) * scale

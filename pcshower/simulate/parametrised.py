@@ -86,9 +86,9 @@ def _segment_softmax(log_w: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torc
     """Per-segment normalised weights ``exp(log_w) / sum_segment exp(log_w)``."""
     top = torch.full((n_seg,), -math.inf, dtype=log_w.dtype, device=log_w.device)
     top = top.scatter_reduce(0, seg, log_w, reduce="amax")
-    w = torch.exp(log_w - top[seg])
+    w = torch.exp(log_w - top.index_select(0, seg))
     total = torch.zeros(n_seg, dtype=w.dtype, device=w.device).index_add_(0, seg, w)
-    return w / total[seg]
+    return w / total.index_select(0, seg)
 
 
 def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scale: float):
@@ -100,7 +100,7 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
     seg = torch.repeat_interleave(torch.arange(n_showers, device=energy.device), counts)
     t, log_w = gflash.sample_depths(params, seg, generator)
     frac = _segment_softmax(log_w, seg, n_showers)
-    tau = t * gflash.tau_scale(params).to(t.dtype)[seg]
+    tau = t * gflash.tau_scale(params).to(t.dtype).index_select(0, seg)
     r_core, r_tail, p_core = gflash.radial_parameters(tau, energy, Z, seg)
     u = torch.rand((3, t.numel()), dtype=t.dtype, device=t.device, generator=generator)
     radius_scale = torch.where(u[0] < p_core, r_core, r_tail)
@@ -110,7 +110,7 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
     if code == 22:  # photons convert after an exponential depth of mean 9/7 X0
         start = torch.empty(n_showers, dtype=torch.float64, device=t.device).exponential_(
             1.0, generator=generator) * gflash.PAIR_LENGTH_X0
-        t = t + start.to(t.dtype)[seg]
+        t = t + start.to(t.dtype).index_select(0, seg)
     points = torch.stack([r * torch.cos(ang), r * torch.sin(ang), t, frac], dim=1)
     return points, counts
 
@@ -125,26 +125,27 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
     """
     dt = points.dtype
     seg = torch.repeat_interleave(torch.arange(energy.numel(), device=points.device), counts)
-    st, ct = torch.sin(theta).to(dt)[seg], torch.cos(theta).to(dt)[seg]
-    sp, cp = torch.sin(phi).to(dt)[seg], torch.cos(phi).to(dt)[seg]
+    # index_select: much faster than advanced indexing for per-point gathers on CPU
+    st, ct, sp, cp = (a.to(dt).index_select(0, seg) for a in (torch.sin(theta), torch.cos(theta),
+                                                                torch.sin(phi), torch.cos(phi)))
     # the axis reaches normal depth z after x0(z) / cos(theta) radiation lengths
     z_axis = depth_x0_to_mm(points[:, 2] * ct, stack)
     along = z_axis / ct
     xt = points[:, 0] * medium.rm_mm
     yt = points[:, 1] * medium.rm_mm
     z = z_axis - xt * st
-    e_mev = points[:, 3] * (energy.to(dt) * 1000.0)[seg]
+    e_mev = points[:, 3] * (energy.to(dt) * 1000.0).index_select(0, seg)
     layer, visible = to_active_layers(z, e_mev, seg, stack, generator=generator,
                                       crossing_rms=crossing_rms)
     z_mid = torch.as_tensor(sampling_layers(stack).active_center_mm, dtype=dt,
-                            device=points.device)[layer.clamp_min(0)]
+                            device=points.device).index_select(0, layer.clamp_min(0))
     # move each deposit along the shower direction onto the middle plane of its active slab
     along = along + (z_mid - z) / ct
     x = along * st * cp + xt * ct * cp - yt * sp
     y = along * st * sp + xt * ct * sp + yt * cp
     idx = torch.nonzero((layer >= 0) & (visible > 0)).flatten()
-    out = torch.stack([x, y, z_mid, visible], dim=1)[idx]
-    seg = seg[idx]
+    out = torch.stack([x, y, z_mid, visible], dim=1).index_select(0, idx)
+    seg = seg.index_select(0, idx)
     new_counts = torch.bincount(seg, minlength=energy.numel())
     return out, new_counts
 

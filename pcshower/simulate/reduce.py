@@ -111,7 +111,7 @@ def _rank(ids: torch.Tensor) -> torch.Tensor:
     if span <= max(8 * ids.numel(), 1 << 20):
         occupied = torch.zeros(span, dtype=torch.bool, device=ids.device)
         occupied[ids] = True
-        return (torch.cumsum(occupied, 0) - 1)[ids]
+        return (torch.cumsum(occupied, 0) - 1).index_select(0, ids)
     return torch.unique(ids, sorted=True, return_inverse=True)[1]
 
 
@@ -166,7 +166,7 @@ def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") ->
         zero = (e_sum == 0)[inv]
         w = torch.where(zero, 1.0 / count[inv], e64 / torch.where(zero, 1.0, e_sum[inv]))
     else:
-        w = e64 / e_sum[inv]
+        w = e64 / e_sum.index_select(0, inv)
     w = w.to(pts.dtype)
     others = torch.cat([xyz, pts[:, 4:]], dim=1) if pts.shape[1] > 4 else xyz
     merged = torch.zeros((n_out, others.shape[1]), dtype=pts.dtype, device=dev).index_add_(
