@@ -264,3 +264,14 @@ def test_bad_stacks_are_refused():
         simulate(2, 10.0, stack=Stack((Slab("W", 2.0),)), frame="detector")
     with pytest.raises(TypeError):
         simulate(2, 10.0, stack=42)
+
+
+def test_polar_sectors_match_atan2():
+    from pcshower.simulate.reduce import _turns
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100_000, generator=g), torch.randn(100_000, generator=g)
+    ref = (torch.atan2(y, x) + math.pi) / (2 * math.pi)
+    for n in (2, 4, 8):
+        fast = torch.floor(_turns(x, y, exact_octants=True) * n).clamp(0, n - 1)
+        assert torch.equal(fast, torch.floor(ref * n).clamp(0, n - 1))
+    assert torch.allclose(_turns(x, y, exact_octants=False), ref)

@@ -110,7 +110,7 @@ def _rank(ids: torch.Tensor) -> torch.Tensor:
     span = int(ids.max()) + 1 if ids.numel() else 1
     if span <= max(8 * ids.numel(), 1 << 20):
         occupied = torch.zeros(span, dtype=torch.bool, device=ids.device)
-        occupied[ids] = True
+        occupied.index_fill_(0, ids, True)
         return (torch.cumsum(occupied, 0) - 1).index_select(0, ids)
     return torch.unique(ids, sorted=True, return_inverse=True)[1]
 
@@ -185,6 +185,23 @@ def reduce_points(showers: Showers, grid=None, *, position: str = "centroid") ->
     return out
 
 
+def _turns(x: torch.Tensor, y: torch.Tensor, exact_octants: bool) -> torch.Tensor:
+    """Azimuth measured from -pi, in turns [0, 1): ``(atan2(y, x) + pi) / 2 pi``.
+
+    With ``exact_octants`` (sector counts dividing 8) a "diamond angle" is used instead: a
+    monotonic function of the azimuth that equals it at every multiple of 45 degrees, so sector
+    boundaries are exact, without the cost of atan2.
+    """
+    if not exact_octants:
+        return (torch.atan2(y, x) + math.pi) / (2 * math.pi)
+    u, v = -x, -y  # rotate by pi: the azimuth from -pi becomes the azimuth of (u, v) in [0, 2 pi)
+    au, av = u.abs(), v.abs()
+    frac = av / (au + av).clamp_min(1e-30)  # in [0, 1] within a quadrant, 0.5 on the diagonal
+    d = torch.where(v >= 0, torch.where(u >= 0, frac, 2.0 - frac),
+                    torch.where(u < 0, 2.0 + frac, 4.0 - frac))
+    return (d / 4.0).remainder(1.0)
+
+
 def _voxel_indices(x64: torch.Tensor, z_raw: torch.Tensor, grid):  # x64: the [P, 3] positions
     """Integer voxel coordinates of each point and a function giving voxel centres."""
     if isinstance(grid, PolarGrid):
@@ -192,8 +209,8 @@ def _voxel_indices(x64: torch.Tensor, z_raw: torch.Tensor, grid):  # x64: the [P
         ring = torch.where(r < grid.r0, torch.zeros_like(r),
                            1.0 + torch.floor(torch.log(r / grid.r0) / math.log(grid.growth)))
         ring = ring.to(torch.int64)
-        sector = torch.floor((torch.atan2(x64[:, 1], x64[:, 0]) + math.pi)
-                             / (2 * math.pi) * grid.nphi).to(torch.int64).clamp(0, grid.nphi - 1)
+        sector = torch.floor(_turns(x64[:, 0], x64[:, 1], exact_octants=8 % grid.nphi == 0)
+                             * grid.nphi).to(torch.int64).clamp(0, grid.nphi - 1)
         sector = torch.where(ring == 0, torch.zeros_like(sector), sector)
         iz = torch.floor(x64[:, 2] / grid.dz + 0.5).to(torch.int64)
 
