@@ -145,3 +145,24 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     with open(tmp_path / "full" / "log.csv") as f1, open(tmp_path / "killed" / "log.csv") as f2:
         a, b = list(csv.DictReader(f1)), list(csv.DictReader(f2))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_flow_only_stage_keeps_the_point_network(tmp_path):
+    showers = toy_showers(40)
+    cfg = {"model": TINY_MODEL, "train": {"steps": 6, "batch_showers": 8, "flow_batch": 16,
+                                          "checkpoint_every": 100, "warmup": 2}}
+    train(cfg, showers, tmp_path / "one", progress=False)
+    model2 = {**TINY_MODEL, "flow": {"transforms": 2, "hidden": [16], "passes": 2}}
+    cfg2 = {"model": model2, "train": {**cfg["train"], "parts": ["flow"]}}
+    train(cfg2, showers, tmp_path / "two", progress=False, init_from=tmp_path / "one" / "model.pt")
+    one, two = (read_checkpoint(tmp_path / r / "model.pt") for r in ("one", "two"))
+    for k, v in one["weights"].items():
+        if k.startswith("points_net."):
+            assert torch.equal(v, two["weights"][k]), k
+    for k, v in one["normalization"].items():
+        assert torch.equal(v, two["normalization"][k]), k
+    assert two["provenance"]["init_from"]["sha256"] == one["sha256"]
+    assert load_model(tmp_path / "two" / "model.pt").config["flow"]["passes"] == 2
+    with pytest.raises(ValueError, match="train.parts"):
+        train({"model": TINY_MODEL, "train": {"parts": ["decoder"]}}, showers, tmp_path / "x",
+              progress=False)

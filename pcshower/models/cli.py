@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt (bit-exact)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's normalisation and matching weights "
+                        "(overrides train.init_from; with train.parts: [flow] retrains the flow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -72,7 +75,7 @@ def _train(args) -> int:
     from pcshower.models.train import train
 
     metrics = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, init_from=args.init_from)
     print(f"trained {metrics['steps']} steps in {metrics['train_time_s']} s; "
           f"model written to {Path(args.out) / 'model.pt'}")
     return 0

@@ -162,11 +162,15 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     size = int(batch_size or DEFAULT_BATCH_SIZE)
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    phi_range = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("phi_range_rad")
+    # a model that only saw one azimuth (phi-symmetric physics-frame showers) is conditioned on
+    # that azimuth; the showers keep the requested phi for their placement
+    cond_phi = phi_range[0] if phi_range and phi_range[1] - phi_range[0] < 1e-9 else None
     parts = []
     for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
         sl = slice(start, start + size)
         parts.append(net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps,
-                                sampler=sampler, generator=gen))
+                                sampler=sampler, generator=gen, cond_phi=cond_phi))
     showers = Showers.concat(parts) if parts else None
     showers = showers._replace(particle=torch.full((total,), code, dtype=torch.int64,
                                                    device=showers.device))

@@ -27,7 +27,9 @@ __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config"]
 DEFAULT_MODEL_CONFIG = {
     "slices": {"num": 30, "z_max_x0": 30.0},
     "fraction_eps": 1.0e-3,
-    "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8},
+    # passes: None = fully autoregressive (sampling costs one network pass per feature);
+    # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
+    "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
     "epic": {"point_dim": 64, "global_dim": 16, "hidden": 128, "layers": 3, "sum_scale": 100.0},
     "edm": {"sigma_data": 1.0, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,
             "sigma_max": 80.0, "rho": 7.0},
@@ -84,7 +86,8 @@ class ShowerModel(nn.Module):
         self.norm = Normalization(self.codec.num_features)
         fc = cfg["flow"]
         self.flow = ShowerFlow(self.codec.num_features, COND_DIM, transforms=int(fc["transforms"]),
-                               hidden=tuple(fc["hidden"]), bins=int(fc["bins"]))
+                               hidden=tuple(fc["hidden"]), bins=int(fc["bins"]),
+                               passes=None if fc["passes"] is None else int(fc["passes"]))
         ec = cfg["epic"]
         self.points_net = EPiCNetwork(4, 4, COND_DIM + 2, point_dim=int(ec["point_dim"]),
                                       global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
@@ -176,13 +179,21 @@ class ShowerModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, energy, theta, phi, *, steps: int | None = None, sampler: str | None = None,
-               generator: torch.Generator | None = None, calibrate: bool = True) -> Showers:
-        """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad."""
+               generator: torch.Generator | None = None, calibrate: bool = True,
+               cond_phi=None) -> Showers:
+        """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad.
+
+        ``cond_phi`` (rad), when given, replaces ``phi`` in the network's conditioning only (for
+        models trained at one azimuth); the showers still carry ``phi``."""
         dev = self.norm.shape_mean.device
         energy = torch.as_tensor(energy, dtype=torch.float64, device=dev).reshape(-1)
         theta = torch.as_tensor(theta, dtype=torch.float64, device=dev).reshape(-1)
         phi = torch.as_tensor(phi, dtype=torch.float64, device=dev).reshape(-1)
-        cond = self.condition(energy, theta, phi)
+        if cond_phi is None:
+            cond = self.condition(energy, theta, phi)
+        else:
+            cond = self.condition(energy, theta, torch.as_tensor(
+                cond_phi, dtype=torch.float64, device=dev).reshape(-1).expand_as(phi))
         shape = self.sample_shape(cond, generator)
         counts = shape.num_points
         b = len(counts)

@@ -138,14 +138,18 @@ class ShowerFlow(nn.Module):
         transforms: number of autoregressive spline transforms.
         hidden: hidden widths of each transform's MADE network.
         bins: spline bins.
+        passes: ``None`` for a fully autoregressive flow (density in one pass, but sampling
+            needs one network pass per feature: seconds for 65 features), or ``2`` for coupling
+            transforms (half the features condition the other half; sampling in two passes).
+            Successive transforms reverse the feature order, so every feature gets transformed.
     """
 
     def __init__(self, features: int, context: int, *, transforms: int = 4,
-                 hidden: tuple[int, ...] = (128, 128), bins: int = 8):
+                 hidden: tuple[int, ...] = (128, 128), bins: int = 8, passes: int | None = None):
         super().__init__()
         self.features = features
         self.flow = zuko.flows.NSF(features, context, bins=bins, transforms=transforms,
-                                   hidden_features=tuple(hidden))
+                                   hidden_features=tuple(hidden), passes=passes)
 
     def log_prob(self, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.flow(context).log_prob(y)

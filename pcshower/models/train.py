@@ -47,6 +47,9 @@ DEFAULT_TRAIN_CONFIG = {
     "val_fraction": 0.05,
     "amp": True,               # bf16 autocast, CUDA only
     "threads": None,           # torch.set_num_threads on CPU (None: leave as is)
+    "parts": ["flow", "points"],  # which networks to train; the others stay as initialised
+    "init_from": None,         # checkpoint to start from: its normalisation and every weight
+                               # whose name and shape match (e.g. retrain only the flow)
 }
 
 _LOG_FIELDS = ["step", "loss", "flow_loss", "point_loss", "lr", "grad_norm", "elapsed_s"]
@@ -95,7 +98,7 @@ def _fingerprint(showers: Showers) -> list:
 
 
 def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
-          resume: bool = False, device=None, progress: bool = True) -> dict:
+          resume: bool = False, device=None, progress: bool = True, init_from=None) -> dict:
     """Train a model and write ``out/model.pt`` (EMA weights), ``out/last.pt`` (training state),
     ``out/log.csv`` and ``out/config.yaml``; returns the metrics stored in the checkpoint.
 
@@ -105,11 +108,14 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         out: run directory.
         resume: continue from ``out/last.pt`` (bit-exact on the same device and thread count).
         device: torch device (default: CUDA when available, else CPU).
+        init_from: checkpoint overriding ``train.init_from`` of the config.
     """
     from tqdm.auto import tqdm
 
     cfg = load_config(config)
     tc = cfg["train"]
+    if init_from is not None:
+        tc["init_from"] = str(init_from)
     if tc["threads"]:
         torch.set_num_threads(int(tc["threads"]))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -126,6 +132,8 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         data = read_parquet(path)
     _check_physics(data)
     provenance["particles"] = sorted(set(int(p) for p in data.particle.unique().tolist()))
+    # a data set at one azimuth teaches nothing about phi: generate() then conditions on it
+    provenance["phi_range_rad"] = [float(data.phi.min()), float(data.phi.max())]
     if len(data) < 2:
         raise ValueError(f"training needs at least 2 showers, got {len(data)}")
     last = out / "last.pt"
@@ -145,10 +153,19 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     train_set, val_set = data[train_idx], data[val_idx] if n_val else None
 
     model = ShowerModel(cfg["model"])
-    model.fit_normalization(train_set)
+    parts = list(tc["parts"])
+    if not parts or set(parts) - {"flow", "points"}:
+        raise ValueError(f"train.parts must list 'flow' and/or 'points', got {parts}")
+    if tc["init_from"]:
+        provenance["init_from"] = _init_from(model, tc["init_from"])
+    else:
+        model.fit_normalization(train_set)
+    for name, net in (("flow", model.flow), ("points", model.points_net)):
+        net.requires_grad_(name in parts)
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=tc["lr"], weight_decay=tc["weight_decay"])
 
     # shape features of every training shower, computed once (the flow sees large batches)
     shape = model.codec.measure(train_set.points, train_set.batch, len(train_set))
@@ -196,12 +213,14 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         y[:, 0] = (shape.num_points[fidx].float() + u).log().to(device)
         batch = train_set[pidx.to(device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            flow_loss = model.flow_loss(y, cond_all[fidx.to(device)])
-            point_loss = model.point_loss(batch, cond_all[pidx.to(device)], _device_gen(gen, device))
+            zero = torch.zeros((), device=device)
+            flow_loss = model.flow_loss(y, cond_all[fidx.to(device)]) if "flow" in parts else zero
+            point_loss = (model.point_loss(batch, cond_all[pidx.to(device)], _device_gen(gen, device))
+                          if "points" in parts else zero)
             loss = flow_loss + point_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(tc["grad_clip"]))
         opt.step()
         decay = min(float(tc["ema_decay"]), (1 + step) / (10 + step))
         with torch.no_grad():
@@ -232,6 +251,20 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     save_checkpoint(out / "model.pt", model_payload(ema, metrics=metrics, provenance=provenance))
     log.info("training done: %s", metrics)
     return metrics
+
+
+def _init_from(model: ShowerModel, path) -> dict:
+    """Copy normalisation and every matching weight of checkpoint ``path`` into ``model``."""
+    body = read_checkpoint(path)
+    source = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
+    target = model.state_dict()
+    loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    missing = [k for k in target if k.startswith("norm.") and k not in loaded]
+    if missing:
+        raise ValueError(f"init_from {path}: its normalisation does not fit this model ({missing})")
+    model.load_state_dict(loaded, strict=False)
+    return {"path": str(path), "sha256": body["sha256"], "tensors_loaded": len(loaded),
+            "tensors_total": len(target), "metrics": body.get("metrics", {})}
 
 
 def _device_gen(gen: torch.Generator, device: torch.device):
