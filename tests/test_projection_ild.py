@@ -23,8 +23,10 @@ def simulate(frame: str, seed: int):
     # global angles for a geometry name: theta = 90 deg, phi = 0 is normal incidence on barrel stave 0
     # unreduced: merging points on a grid of 0.5 X0 in depth moves energy across ILD's 0.63 X0
     # layers (seen: per-layer pulls up to 20 with 2k showers); this test is about the projection
+    # half of GFlash's spots keeps the test fast; the sampling fluctuations do not depend on
+    # how a shower's energy is split into points
     return run(N_SHOWERS, ENERGY_GEV, math.pi / 2, 0.0, particle="photon", stack="ild", frame=frame,
-               seed=seed, reduce=False)
+               seed=seed, reduce=False, spot_scale=0.5)
 
 
 def profiles(geometry, hits, n):
@@ -61,6 +63,7 @@ def hotelling(a: np.ndarray, b: np.ndarray):
     return t2, k, limit, diff / np.sqrt(np.diag(cov))
 
 
+@pytest.mark.slow
 def test_physics_frame_projection_matches_direct_simulation_in_the_ild_stack():
     torch.set_num_threads(1)
     ild = load_geometry("ild")
@@ -89,6 +92,6 @@ def test_physics_frame_projection_matches_direct_simulation_in_the_ild_stack():
     t2, _, limit, _ = hotelling(profiles(ild, hits_direct, N_SHOWERS)[1],
                                 profiles(ild, hits_wrong, N_SHOWERS)[1])
     assert t2 > 5 * limit
-    # and the profiles are not trivially equal: the shower maximum sits in the first half
+    # and the profiles are a real shower: the maximum sits where GFlash puts it
     long_mean = profiles(ild, hits_physics, N_SHOWERS)[0].mean(0)
-    assert 3 <= int(np.argmax(long_mean)) <= 12
+    assert 8 <= int(np.argmax(long_mean)) <= 16  # t_max = ln(E/E_c) + 0.5 = 7.6 X0 for photons: layer ~12
