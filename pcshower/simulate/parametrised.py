@@ -192,13 +192,9 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
     phi_t = torch.as_tensor(phi_np, dtype=torch.float64, device=device)
     # chunks of whole showers with at most CHUNK_SPOTS spots (at least one shower each)
     n_spots = gflash.spot_count(energy.cpu(), float(medium.Z), spot_scale).numpy()
-    bounds, acc, start = [0], 0, 0
-    for i, k in enumerate(n_spots):  # cheap: numbers, not spots
-        if acc and acc + k > CHUNK_SPOTS:
-            bounds.append(i)
-            acc = 0
-        acc += int(k)
-    bounds.append(len(n_spots))
+    first_spot = np.cumsum(n_spots) - n_spots
+    chunk = first_spot // CHUNK_SPOTS  # a chunk may overrun by its last shower's spots
+    bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(n_spots)]
     pts, cnts = [], []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
