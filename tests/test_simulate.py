@@ -80,6 +80,7 @@ def test_lateral_containment(ild):
     test it at that level (documented in docs/simulator.md) and that containment is stable in E.
     """
     fractions = {}
+    medium = ild.effective_medium()
     for energy in (10.0, 100.0):
         s = simulate_parametrised(np.full(300, energy), 0.0, 0.0, "photon", ild, seed=2,
                                   spot_scale=0.3)
@@ -88,6 +89,10 @@ def test_lateral_containment(ild):
         in35 = per_shower_sum(s, s.e * (r < 3.5)).mean().item()
         fractions[energy] = (in1, in35)
         assert in1 >= 0.88 and in35 >= 0.98
+        # the spots reproduce the parametrisation's own prediction (radial CDF x profile)
+        for radius, measured in ((1.0, in1), (3.5, in35)):
+            expected = gflash.mean_containment(radius, energy, medium.Z, medium.ec_mev)
+            assert measured == pytest.approx(expected, abs=0.003)
         assert in1 < in35 < 1.0
     assert abs(fractions[10.0][0] - fractions[100.0][0]) < 0.01
 

@@ -44,7 +44,8 @@ import torch
 from pcshower.physics.sampling import sample_gamma
 
 __all__ = ["ShowerParameters", "longitudinal_parameters", "sample_shower_parameters",
-           "spot_count", "radial_parameters", "tau_scale", "sample_depths", "gamma_log_pdf", "mean_profile",
+           "spot_count", "radial_parameters", "tau_scale", "sample_depths",
+           "mean_containment", "gamma_log_pdf", "mean_profile",
            "PAIR_LENGTH_X0"]
 
 #: Mean free path of a high-energy photon for pair production, in X0 (PDG: 9/7 X0).
@@ -174,6 +175,22 @@ def mean_profile(edges_x0: torch.Tensor, energy_gev: float, Z: float, ec_mev: fl
          * p.beta[:, None])
     cdf = torch.special.gammainc(p.alpha[:, None].expand_as(x), x)
     return (cdf[:, 1:] - cdf[:, :-1]).mean(0)
+
+
+def mean_containment(radius_rm: float, energy_gev: float, Z: float, ec_mev: float, *,
+                     samples: int = 1000, seed: int = 0) -> float:
+    """Mean fraction of the energy within ``radius_rm`` Moliere radii of the axis, predicted by the
+    parametrisation: the radial CDF ``r^2 / (r^2 + R^2)`` of core and tail, weighted by each
+    shower's longitudinal profile and averaged over ``samples`` draws of (T, alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.full((samples, 1), float(energy_gev), dtype=torch.float64)
+    p = sample_shower_parameters(e.flatten(), Z, ec_mev, g)
+    t = torch.linspace(0.01, 60.0, 1500, dtype=torch.float64)[None, :]
+    density = torch.exp(gamma_log_pdf(t, p.alpha[:, None], p.beta[:, None]))
+    r_core, r_tail, p_core = radial_parameters(t * tau_scale(p)[:, None], e, Z)
+    r2 = float(radius_rm) ** 2
+    inside = p_core * r2 / (r2 + r_core ** 2) + (1.0 - p_core) * r2 / (r2 + r_tail ** 2)
+    return float(((density * inside).sum(1) / density.sum(1)).mean())
 
 
 def sample_depths(params: ShowerParameters, seg: torch.Tensor,
