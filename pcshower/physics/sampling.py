@@ -52,7 +52,7 @@ from pcshower.physics.materials import E_SCALE_MEV
 from pcshower.physics.stack import Stack
 
 __all__ = ["SamplingLayers", "sampling_layers", "to_active_layers", "depth_x0_to_mm",
-           "segment_index", "sample_gamma", "DEFAULT_CROSSING_RMS"]
+           "segment_index", "extended_segment", "sample_gamma", "DEFAULT_CROSSING_RMS"]
 
 #: Default relative r.m.s. ``kappa`` of the energy one track crossing deposits in an active layer.
 DEFAULT_CROSSING_RMS = 1.0
@@ -149,29 +149,74 @@ def _sampling_arrays(stack: Stack) -> dict:
                 crossing_mev=crossing)
 
 
+@functools.lru_cache(maxsize=256)
+def _bin_table(edges: tuple):
+    """Uniform-pitch lookup table of the extended segment index ``j = #(edges <= v)`` (``0`` in
+    front of ``edges[0]``, ``S + 1`` behind ``edges[-1]``), or None when a binary search is
+    needed (a zero-width segment, or more than 10^6 bins). Bins are narrower than the thinnest
+    segment, so a bin holds at most one edge: ``j(v)`` is the table entry of ``v``'s bin or one
+    more (one comparison), and a second comparison downwards absorbs a bin index rounded up."""
+    e = np.asarray(edges, dtype=np.float64)
+    if e.size < 2:
+        return None
+    width = float(np.diff(e).min())
+    span = float(e[-1] - e[0])
+    if width <= 0 or span / width > 1e6:
+        return None
+    h = 0.999 * width
+    start = e[0] - h
+    n_bins = int(math.ceil((e[-1] + h - start) / h)) + 1
+    table = np.searchsorted(e, start + h * np.arange(n_bins), side="right").astype(np.int64)
+    upper = np.concatenate([e, [np.inf]])  # upper edge of extended segment j
+    lower = np.concatenate([[-np.inf], e])  # its lower edge
+    return start, 1.0 / h, n_bins, table, upper, lower
+
+
+def extended_segment(values: torch.Tensor, edges) -> torch.Tensor:
+    """``j = #(edges <= v)`` for each value: ``0`` in front of ``edges[0]``, ``i + 1`` in segment
+    ``[edges[i], edges[i+1])``, ``S + 1`` at or behind ``edges[-1]`` (edges increasing, numpy or
+    sequence). Equal to ``torch.searchsorted(edges, values, right=True)`` in the values' dtype,
+    computed through a cached table of uniform bins (two gathers and two comparisons per value
+    instead of a binary search); values must not be NaN."""
+    dev, dt = values.device, values.dtype
+    tab = _bin_table(tuple(float(x) for x in np.asarray(edges).reshape(-1)))
+    e = torch.as_tensor(np.asarray(edges), dtype=dt if values.is_floating_point() else torch.float64,
+                        device=dev)
+    if tab is None or not values.is_floating_point():
+        return torch.searchsorted(e, values.to(e.dtype).contiguous(), right=True)
+    start, inv_h, n_bins, table, upper, lower = tab
+    # the bin of each value, clamped into the table (far outside: the first or last bin, whose
+    # extended segment is 0 or S + 1 whatever the comparisons below)
+    k = ((values - start) * inv_h).clamp_(0, n_bins - 1).to(torch.int64)
+    j = torch.as_tensor(table, device=dev).index_select(0, k)
+    up = torch.as_tensor(upper, dtype=dt, device=dev)
+    lo = torch.as_tensor(lower, dtype=dt, device=dev)
+    # edges rounded to the values' dtype exactly as searchsorted sees them
+    up[:-1], lo[1:] = e, e
+    j += values >= up.index_select(0, j)
+    j -= (values < lo.index_select(0, j)).to(torch.int64)
+    return j
+
+
 def segment_index(values: torch.Tensor, edges) -> torch.Tensor:
     """Index ``i`` with ``edges[i] <= v < edges[i+1]`` for each value (-1 below, ``S`` above).
 
-    The same as ``torch.searchsorted(edges, values, right=True) - 1`` but through a lookup table
-    of bins no wider than the thinnest segment (so a bin holds at most one boundary) and one
-    correction each way: two gathers instead of a binary search per value.
+    The same as ``torch.searchsorted(edges, values, right=True) - 1`` through the uniform-bin
+    table of :func:`extended_segment`.
     """
-    e = torch.as_tensor(np.asarray(edges), dtype=values.dtype, device=values.device)
-    n_seg = e.numel() - 1
-    width = float((e[1:] - e[:-1]).min()) if n_seg > 0 else 0.0
-    span = float(e[-1] - e[0]) if n_seg > 0 else 0.0
-    if width <= 0 or span / width > 1e6 or not values.is_floating_point():
-        return torch.searchsorted(e, values.contiguous(), right=True) - 1
-    h = 0.999 * width
-    n_bins = int(math.ceil(span / h)) + 1
-    starts = e[0] + h * torch.arange(n_bins + 1, dtype=values.dtype, device=values.device)
-    table = torch.searchsorted(e, starts, right=True) - 1
-    k = torch.floor((values - e[0]) / h).clamp(0, n_bins).to(torch.int64)
-    seg = table.index_select(0, k).clamp(0, n_seg - 1)
-    seg = seg + (values >= e.index_select(0, seg + 1)).to(torch.int64)
-    seg = seg - (values < e.index_select(0, seg.clamp(max=n_seg))).to(torch.int64)
-    seg = torch.where(values < e[0], torch.full_like(seg, -1), seg)
-    return torch.where(values >= e[-1], torch.full_like(seg, n_seg), seg)
+    return extended_segment(values, edges) - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _x0_to_mm_coefficients(stack: Stack):
+    """``(A, B)`` per extended X0 segment with ``z_mm = A + B t``: the mean mm per X0 in front of
+    and behind the stack, the slab's own slope inside."""
+    x0e, zmm = np.asarray(stack.x0_edges, dtype=np.float64), np.asarray(stack.z_edges_mm, dtype=np.float64)
+    slope = np.diff(zmm) / np.diff(x0e)
+    mm_per_x0 = float(stack.total_thickness_mm / stack.total_x0)
+    b = np.concatenate([[mm_per_x0], slope, [mm_per_x0]])
+    a = np.concatenate([[0.0], zmm[:-1] - x0e[:-1] * slope, [zmm[-1] - x0e[-1] * mm_per_x0]])
+    return a, b
 
 
 def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
@@ -179,19 +224,15 @@ def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
 
     Piecewise linear through the slab boundaries (``stack.x0_edges`` -> ``stack.z_edges_mm``), so
     a shower that develops in X0 crosses thin and thick absorbers at the right place; behind the
-    back face and in front of the front face the stack's mean mm per X0 is used.
+    back face and in front of the front face the stack's mean mm per X0 is used. One table lookup
+    (:func:`extended_segment`) and one multiply-add per value.
     """
     dt = depth_x0.dtype if depth_x0.is_floating_point() else torch.float64
-    x0e = torch.as_tensor(stack.x0_edges, dtype=dt, device=depth_x0.device)
-    zmm = torch.as_tensor(stack.z_edges_mm, dtype=dt, device=depth_x0.device)
     t = depth_x0.to(dt)
-    seg = segment_index(t, stack.x0_edges).clamp(0, x0e.numel() - 2)
-    slope = (zmm[1:] - zmm[:-1]) / (x0e[1:] - x0e[:-1])
-    z = zmm.index_select(0, seg) + (t - x0e.index_select(0, seg)) * slope.index_select(0, seg)
-    mm_per_x0 = float(stack.total_thickness_mm / stack.total_x0)
-    z = torch.where(t < 0, t * mm_per_x0, z)
-    z = torch.where(t > x0e[-1], zmm[-1] + (t - x0e[-1]) * mm_per_x0, z)
-    return z
+    j = extended_segment(t, stack.x0_edges)
+    a, b = _x0_to_mm_coefficients(stack)
+    a = torch.as_tensor(a, dtype=dt, device=t.device).index_select(0, j)
+    return a.addcmul_(t, torch.as_tensor(b, dtype=dt, device=t.device).index_select(0, j))
 
 
 def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -207,16 +248,18 @@ def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) 
         shape = shape.to(torch.float64)
     dtype = shape.dtype
     small = shape < 1.0
-    a = torch.where(small, shape + 1.0, shape)
-    d = a - 1.0 / 3.0
+    d = (shape + small) - 1.0 / 3.0  # shapes below 1 are drawn as shape + 1
     c = torch.rsqrt(9.0 * d)
 
     def propose(dd, cc):
         x = torch.randn(dd.shape, dtype=dtype, device=dd.device, generator=generator)
         u = torch.rand(dd.shape, dtype=dtype, device=dd.device, generator=generator)
-        v = (1.0 + cc * x) ** 3
-        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v
-                        + dd * torch.log(v.clamp_min(1e-30)))
+        v = cc * x
+        v += 1.0
+        v = v * v * v
+        # log(u) < x^2/2 + d - d v + d log(v), and v > 0
+        rhs = torch.log(v.clamp_min(1e-30)).sub_(v).add_(1.0).mul_(dd).addcmul_(x, x, value=0.5)
+        ok = (v > 0) & (torch.log(u) < rhs)
         return dd * v, ok
 
     out, ok = propose(d, c)  # the first round runs on whole tensors, later rounds on rejects
@@ -225,11 +268,28 @@ def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) 
         value, ok = propose(d[todo], c[todo])
         out[todo[ok]] = value[ok]
         todo = todo[~ok]
-    if small.any():
+    if bool(small.any()):
         u = torch.rand(shape.shape, dtype=dtype, device=shape.device, generator=generator)
-        out = torch.where(small, out * u ** (1.0 / shape.clamp_min(1e-30)), out)
-    return torch.where(shape > 0, out, torch.zeros((), dtype=dtype, device=shape.device))
+        # U^(1/shape) below shape 1, U^0 = 1 above; a shape of 0 gives U^inf = 0
+        out *= u.pow_(small / shape)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _response_table(stack: Stack, crossing_rms: float):
+    """Per extended slab ``j`` (0 in front, ``s + 1`` for slab ``s``, ``S + 1`` behind): active
+    layer (-1 for none), sampling fraction (0 for none), Gamma scale ``d_c (1 + kappa^2)``, its
+    inverse (0 where there are no fluctuations) and 1 where the cell is fully active."""
+    layers = sampling_layers(stack)
+    cell = layers.cell_of_slab
+    layer = np.concatenate([[-1], cell, [-1]]).astype(np.int64)
+    seen = layer >= 0
+    lidx = np.clip(layer, 0, None)
+    frac = np.where(seen, layers.sampling_fraction[lidx], 0.0)
+    scale = np.where(seen, layers.crossing_mev[lidx] * (1.0 + crossing_rms ** 2), 0.0)
+    inv_scale = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    unsampled = (seen & (scale <= 0)).astype(np.float64)
+    return layers.z_edges_mm, layer, frac, scale, inv_scale, unsampled
 
 
 def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tensor, stack: Stack,
@@ -251,7 +311,9 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
     Returns:
         ``(layer, visible_mev)``: ``[P]`` int64 active-layer index (-1 in front of, behind or
         outside every sampling cell) and ``[P]`` visible energy in MeV (0 where layer is -1),
-        computed in the dtype of ``e_mev``. Model and references: module docstring.
+        computed in the dtype of ``e_mev``; the Gamma variates are drawn in float32 (their
+        relative round-off, 6e-8, is far below any sampling fluctuation). Model and references:
+        module docstring.
     """
     if z_mm.shape != e_mev.shape or z_mm.ndim != 1:
         raise ValueError(f"z_mm and e_mev must be 1-D of the same length, got {tuple(z_mm.shape)} "
@@ -259,34 +321,23 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
     if batch.shape != z_mm.shape:
         raise ValueError(f"batch must have one entry per point ({z_mm.shape[0]}), got "
                          f"{tuple(batch.shape)}")
-    if not (torch.isfinite(z_mm).all() and torch.isfinite(e_mev).all()):
-        raise ValueError("z_mm and e_mev must be finite (found NaN or inf)")
-    if (e_mev < 0).any():
+    if not bool(torch.isfinite(z_mm.sum() + e_mev.sum())):  # one reduction; NaN/inf propagate
+        if not (torch.isfinite(z_mm).all() and torch.isfinite(e_mev).all()):
+            raise ValueError("z_mm and e_mev must be finite (found NaN or inf)")
+    if e_mev.numel() and bool(e_mev.min() < 0):
         raise ValueError("e_mev must be >= 0: deposits are energies")
     if crossing_rms < 0:
         raise ValueError(f"crossing_rms must be >= 0, got {crossing_rms}")
-    layers = sampling_layers(stack)
+    edges, layer_of, frac_of, scale_of, inv_scale_of, unsampled_of = _response_table(
+        stack, float(crossing_rms))
     dev = z_mm.device
     dt = e_mev.dtype if e_mev.is_floating_point() else torch.float64
-    cell = torch.as_tensor(layers.cell_of_slab, dtype=torch.int64, device=dev)
-    slab = segment_index(z_mm if z_mm.is_floating_point() else z_mm.double(), layers.z_edges_mm)
-    inside = (slab >= 0) & (slab < cell.numel())
-    layer = torch.where(inside, cell.index_select(0, slab.clamp(0, cell.numel() - 1)),
-                        torch.full_like(slab, -1))
-    seen = layer >= 0
-    lidx = layer.clamp_min(0)
-    frac = torch.as_tensor(layers.sampling_fraction, dtype=dt, device=dev).index_select(0, lidx)
-    mean = torch.where(seen, frac * e_mev.to(dt), torch.zeros((), dtype=dt, device=dev))
+    j = extended_segment(z_mm if z_mm.is_floating_point() else z_mm.double(), edges)
+    table = lambda x: torch.as_tensor(x, dtype=dt, device=dev).index_select(0, j)  # noqa: E731
+    layer = torch.as_tensor(layer_of, device=dev).index_select(0, j)
+    mean = table(frac_of) * e_mev.to(dt)
     if not fluctuate:
         return layer, mean
-    scale = torch.as_tensor(layers.crossing_mev * (1.0 + crossing_rms ** 2), dtype=dt,
-                            device=dev).index_select(0, lidx)
-    sampled = seen & (scale > 0) & (mean > 0)
-    if bool(sampled.all()):
-        return layer, sample_gamma(mean / scale, generator) * scale
-    visible = mean.clone()
-    idx = torch.nonzero(sampled).flatten()
-    if idx.numel():
-        sc = scale[idx]
-        visible[idx] = sample_gamma(mean[idx] / sc, generator) * sc
-    return layer, visible
+    shape = (mean * table(inv_scale_of)).to(torch.float32)
+    visible = sample_gamma(shape, generator).to(dt) * table(scale_of)
+    return layer, visible.addcmul_(mean, table(unsampled_of))
