@@ -4,7 +4,9 @@ Usage: python benchmarks/bench_projection.py [--geometry ild] [--showers 200] [-
 The showers are synthetic physics-frame clouds with shower-like shapes (Gamma-distributed depth,
 Gaussian core of 1 R_M), all with one direction (normal incidence on a barrel) or, with
 ``--spread``, each with its own; timing is the median of ``--repeat`` calls of
-``Geometry.project`` after one warm-up call.
+``Geometry.project`` after one warm-up call, in wall-clock seconds (``*_s``) and in CPU seconds
+of this process (``*_cpu_s``, the time one core spends when other processes share the machine;
+the same as wall time on an idle one).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def kind_of(name):
     return name if name in ("ild", "cld", "allegro") else "plane"
 
 
-def time_projection(geometry, showers, repeat: int, fluctuate: bool, device) -> float:
+def time_projection(geometry, showers, repeat: int, fluctuate: bool, device):
     def run():
         gen = torch.Generator(device=device).manual_seed(1)
         geometry.project(showers, generator=gen, fluctuate=fluctuate)
@@ -52,12 +54,13 @@ def time_projection(geometry, showers, repeat: int, fluctuate: bool, device) -> 
             torch.cuda.synchronize()
 
     run()
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def main():
@@ -80,10 +83,13 @@ def main():
               "directions": "one per shower" if ARGS.spread else "shared",
               "showers": ARGS.showers, "points_per_shower": ARGS.points}
     for fluctuate in (False, True):
-        t = time_projection(geo, showers, ARGS.repeat, fluctuate, device)
+        t, cpu = time_projection(geo, showers, ARGS.repeat, fluctuate, device)
         key = "fluctuations" if fluctuate else "mean_response"
         result[f"{key}_s"] = round(t, 4)
         result[f"{key}_points_per_s"] = float(f"{showers.total_points / t:.3g}")
+        if device.type == "cpu":
+            result[f"{key}_cpu_s"] = round(cpu, 4)
+            result[f"{key}_points_per_cpu_s"] = float(f"{showers.total_points / cpu:.3g}")
     print(json.dumps(result))
 
 

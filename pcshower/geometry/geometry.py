@@ -86,6 +86,9 @@ class Geometry:
         groups = inclined_stack_groups(spec.readout) if kind == "inclined" else spec.stack
         self.stack, self._active_to_layer, self.layer_span_mm = _build_stack(groups, spec.name)
         self.num_layers = int(self.layer_span_mm.shape[0])
+        # readout layer of each active layer, shifted by one so that index 0 (no layer) gives -1
+        self._layer_of_active = torch.as_tensor(np.concatenate([[-1], self._active_to_layer]),
+                                                dtype=torch.int64)
         self._eff = self.stack.effective_medium()
         self.x0_eff_mm, self.rm_eff_mm = self._eff.x0_mm, self._eff.rm_mm
         barrel = spec.placement.get("polygon_barrel")
@@ -237,63 +240,70 @@ class Geometry:
             return torch.repeat_interleave(per_shower, counts, output_size=total)
 
         module = expand(frames.module)
-        energy = pts[:, 3].double()
+        # per-point columns as rows of one [4, P] float64 block: each column contiguous
+        cols = pts[:, :4].T.to(torch.float64)
+        x, y, z, energy = cols[0], cols[1], cols[2], cols[3]
         if showers.frame == PHYSICS_FRAME:
             rot = rotation_to_local(frames.theta_local, frames.phi_local).reshape(n, 9)
             r = [expand(rot[:, k].contiguous()) for k in range(9)]
             energy = energy * expand(showers.energy.double() * GEV_TO_MEV)
         impact_u = expand(frames.impact_uv[:, 0].contiguous())
         impact_v = expand(frames.impact_uv[:, 1].contiguous())
-        x, y, z = pts[:, 0].double(), pts[:, 1].double(), pts[:, 2].double()
         if showers.frame == PHYSICS_FRAME:
             from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
 
-            x, y, z = x * self.rm_eff_mm, y * self.rm_eff_mm, z * self.x0_eff_mm
-            du = r[0] * x + r[1] * y + r[2] * z  # offset from the impact point, in the face plane
-            dv = r[3] * x + r[4] * y + r[5] * z
-            normal_x0 = (r[6] * x + r[7] * y + r[8] * z) / self.x0_eff_mm
-            local = torch.stack([du + impact_u, dv + impact_v,
-                                 depth_x0_to_mm(normal_x0, self.stack)], dim=-1)
+            # the effective-medium scales folded into the rotation: one multiply per term
+            rm, x0 = self.rm_eff_mm, self.x0_eff_mm
+            du = _dot3(r[0] * rm, r[1] * rm, r[2] * x0, x, y, z)  # offset from the impact point
+            dv = _dot3(r[3] * rm, r[4] * rm, r[5] * x0, x, y, z)
+            normal_x0 = _dot3(r[6] * (rm / x0), r[7] * (rm / x0), r[8], x, y, z)
+            w = depth_x0_to_mm(normal_x0, self.stack)
         else:
-            du, dv = x, y
-            local = torch.stack([x + impact_u, y + impact_v, z], dim=-1)
+            du, dv, w = x, y, z
+        # [P, 3] view of a [3, P] block (stacking rows is several times cheaper than columns)
+        local = torch.stack([du + impact_u, dv + impact_v, w], dim=0).T
         handed_over = False
         if self.modules is not None and self._staves:
             module, handed_over = self._hand_over(local, module)
         depth = self._sampling_depth(local, frames, batch)
         if showers.frame == PHYSICS_FRAME:
-            in_stack = (depth >= 0) & (depth < self.stack.total_thickness_mm)
-            active, visible = to_active_layers(torch.where(in_stack, depth, torch.full_like(depth, -1.0)),
-                                               energy, batch, self.stack, fluctuate=fluctuate,
+            # depths outside the stack fall in no sampling cell (layer -1)
+            active, visible = to_active_layers(depth, energy, batch, self.stack, fluctuate=fluctuate,
                                                generator=generator)
-            to_layer = torch.as_tensor(self._active_to_layer, device=dev)
-            layer = torch.where(active >= 0, to_layer[active.clamp_min(0)], torch.full_like(active, -1))
+            layer = self._layer_of_active.to(dev).index_select(0, active + 1)
         else:
             visible, layer = energy, self._layer_of_depth(depth)
         if self.readout.kind == "inclined":
             where = frames.to_global(local, batch)
         elif self.readout.kind == "cylindrical":
-            where = torch.stack([du, dv], dim=-1)  # bins are centred on the impact point
+            where = torch.stack([du, dv], dim=0).T  # bins are centred on the impact point
         else:
             where = local  # u, v and the depth (barrel staves widen with depth)
         # acceptance: every point must fall on a cell of its layer (the sampling cell's layer, or
         # for passive points the read-out group its depth lies in); unread material is inside
-        eff_layer = layer.clone()
+        eff_layer = layer
         passive = torch.nonzero(layer < 0).flatten()
-        eff_layer[passive] = self._layer_of_depth(depth[passive])
-        in_depth = (depth >= 0) & (depth < self.stack.total_thickness_mm) & (module >= 0)
+        if passive.numel():
+            eff_layer = layer.clone()
+            eff_layer[passive] = self._layer_of_depth(depth[passive])
+        in_depth = (depth >= 0) & (depth < self.stack.total_thickness_mm)
+        if isinstance(module, torch.Tensor) and module.ndim:
+            in_depth &= module >= 0
+        elif int(module) < 0:
+            in_depth &= False
         shower_module = frames.module.clamp_min(0)
         per_module = None if handed_over else (lambda table: expand(table.to(dev)[shower_module]))
         cell = self.readout.cell_index(eff_layer, where, module, per_module=per_module)
         inside = in_depth & ((cell >= 0) | (eff_layer < 0))
         keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
-        outside = ~inside
-        out_e = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(
-            0, batch[outside], energy[outside])
-        out_n = torch.bincount(batch[outside], minlength=n)
-        key = (batch * self.num_cells + cell)[keep]
-        cell_id, e_cell, ptr = _sum_per_cell(key, visible[keep], n, self.num_cells)
-        result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=ptr,
+        outside = (~inside).to(torch.float64)  # (same-dtype products: mixed dtypes are slow)
+        ptr = showers.ptr.to(dev)
+        out_e = _sum_per_shower(energy * outside, ptr)
+        out_n = _sum_per_shower(outside, ptr).round().to(torch.int64)
+        kept = torch.nonzero(keep).flatten()
+        cell_id, e_cell, hit_ptr = _sum_per_cell(batch.index_select(0, kept), cell.index_select(0, kept),
+                                                 visible.index_select(0, kept), n, self.num_cells)
+        result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=hit_ptr,
                           num_cells=self.num_cells, geometry=self.name,
                           outside_energy=out_e.to(torch.float32), outside_points=out_n,
                           metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
@@ -364,13 +374,67 @@ def _build_stack(groups, name: str):
             np.asarray(spans, dtype=np.float64).reshape(-1, 2))
 
 
-def _sum_per_cell(key: torch.Tensor, energy: torch.Tensor, n: int, num_cells: int):
-    """Sum ``energy`` per ``key = shower * num_cells + cell``: ``(cell_id [H], energy [H],
-    ptr [n+1])``, cells sorted within each shower."""
-    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), dtype=energy.dtype, device=energy.device).index_add_(0, inverse, energy)
-    shower = torch.div(uniq, num_cells, rounding_mode="floor")
+def _dot3(a, b, c, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``a x + b y + c z`` with per-point or scalar coefficients, skipping zero scalars."""
+    out = None
+    for coef, t in ((a, x), (b, y), (c, z)):
+        if not isinstance(coef, torch.Tensor) or coef.ndim == 0:
+            coef = float(coef)
+            if coef == 0.0:
+                continue
+            out = t * coef if out is None else out.add_(t, alpha=coef)
+        else:
+            out = t * coef if out is None else out.addcmul_(t, coef)
+    return torch.zeros_like(x) if out is None else out
+
+
+def _sum_per_shower(values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` [P] over each shower's contiguous range ``ptr`` [B+1] (float64)."""
+    csum = torch.zeros(values.numel() + 1, dtype=torch.float64, device=values.device)
+    torch.cumsum(values, 0, out=csum[1:])
+    return csum.index_select(0, ptr[1:]) - csum.index_select(0, ptr[:-1])
+
+
+def _sum_per_cell(batch: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor, n: int,
+                  num_cells: int):
+    """Sum ``energy`` per (shower, cell) of points sorted by shower: ``(cell_id [H], energy [H],
+    ptr [n+1])``, cells sorted within each shower.
+
+    Cell ids are first made small: relative to one cell of their own shower, so that the
+    (shower, cell) key spans ``n * R`` values with ``R`` the largest spread of ids within a shower.
+    When that is at most a few times the number of points, the sums go into a dense array (no
+    sort); otherwise the key is sorted, in int32 when it fits (radix passes scale with its width).
+    """
+    dev = energy.device
+    m = cell.numel()
+    if m == 0:
+        return (torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=energy.dtype, device=dev),
+                torch.zeros(n + 1, dtype=torch.int64, device=dev))
+    first = torch.searchsorted(batch, torch.arange(n, device=dev)).clamp_(max=m - 1)
+    ref = cell.index_select(0, first)  # a cell of each shower (any one will do)
+    rel = cell - ref.index_select(0, batch)
+    lo = int(rel.min())
+    spread = int(rel.max()) - lo + 1
+    size = n * spread
+    key = batch * spread + (rel - lo)
+    if size <= max(4 * m, 1 << 16):
+        dense = torch.zeros(size, dtype=energy.dtype, device=dev).index_add_(0, key, energy)
+        ukey = torch.nonzero(dense).flatten()  # every kept point has visible energy > 0
+        summed = dense.index_select(0, ukey)
+    else:
+        small = size < 2 ** 31
+        sorted_key, order = torch.sort(key.to(torch.int32) if small else key)
+        sorted_key = sorted_key.to(torch.int64)
+        new = torch.ones(m, dtype=torch.bool, device=dev)
+        torch.ne(sorted_key[1:], sorted_key[:-1], out=new[1:])
+        group = torch.cumsum(new.to(torch.int64), 0) - 1
+        starts = torch.nonzero(new).flatten()
+        summed = torch.zeros(starts.numel(), dtype=energy.dtype, device=dev).index_add_(
+            0, group, energy.index_select(0, order))
+        ukey = sorted_key.index_select(0, starts)
+    shower = torch.div(ukey, spread, rounding_mode="floor")
+    cell_id = ukey - shower * spread + lo + ref.index_select(0, shower)
     counts = torch.bincount(shower, minlength=n)
-    ptr = torch.zeros(n + 1, dtype=torch.int64, device=energy.device)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=ptr[1:])
-    return uniq - shower * num_cells, summed, ptr
+    return cell_id, summed, ptr
