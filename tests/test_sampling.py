@@ -162,3 +162,22 @@ def test_segment_index_equals_binary_search(dtype):
                             - 0.1 * e[-1], e, torch.nextafter(e, e - 1), torch.nextafter(e, e + 1)])
         expected = torch.searchsorted(e, values, right=True) - 1
         assert torch.equal(segment_index(values, edges), expected)
+
+
+@pytest.mark.parametrize("name", ["ild", "allegro", "calochallenge_ds2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extended_segment_is_exact_at_edges_and_table_bin_boundaries(name, dtype):
+    # the lookup table's own bin boundaries are where a rounded bin index could go wrong
+    from pcshower.geometry import load_geometry
+    from pcshower.physics.sampling import _bin_table, extended_segment
+    stack = load_geometry(name).stack
+    for edges in (stack.z_edges_mm, stack.x0_edges):
+        e = torch.as_tensor(edges, dtype=dtype)
+        start, inv_h, n_bins = _bin_table(tuple(float(x) for x in edges))[:3]
+        grid = (start + torch.arange(n_bins, dtype=torch.float64) / inv_h).to(dtype)
+        probes = torch.cat([e, grid, torch.rand(50_000, generator=_gen(5), dtype=dtype) * 1.4 * e[-1]
+                            - 0.2 * e[-1]])
+        values = torch.cat([probes, torch.nextafter(probes, probes - 1),
+                            torch.nextafter(probes, probes + 1)])
+        assert torch.equal(extended_segment(values, edges),
+                           torch.searchsorted(e, values, right=True))

@@ -61,18 +61,32 @@ class PlanarReadout:
         dev = uv.device
         m = module.clamp_min(0)
         get = per_module or (lambda table: table.to(dev)[m])
-        nu, nv, off = get(self.nu), get(self.nv), get(self.offset[:-1])
+        f64 = lambda t: t.to(torch.float64) if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
+        nu, nv = get(self.nu), get(self.nv)
         pitch = self.pitch.tolist()
-        iu = torch.floor(uv[:, 0] / pitch[0]).long() + nu // 2
-        iv = torch.floor(uv[:, 1] / pitch[1]).long() + nv // 2
-        au, av = uv[:, 0].abs(), uv[:, 1].abs()
-        ok = ((module >= 0) & (layer >= 0) & (iu >= 0) & (iu < nu) & (iv >= 0) & (iv < nv)
-              & (au <= get(self.modules.half[:, 0]) + uv[:, 2] * get(self.modules.widen))
-              & (av <= get(self.modules.half[:, 1])))
+        u, v, w = uv[:, 0], uv[:, 1], uv[:, 2]
+        # integer arithmetic in float64 (exact below 2^53, and cheaper than int64 on CPU);
+        # fu, fv are the column and row relative to the module centre
+        fu, fv = torch.floor(u / pitch[0]), torch.floor(v / pitch[1])
+        half_nu, half_nv = f64(nu // 2), f64(nv // 2)
+        au, av = u.abs(), v.abs()
+        widen = get(self.modules.widen)
+        half_u = get(self.modules.half[:, 0])
+        if not (isinstance(widen, torch.Tensor) and widen.ndim == 0 and float(widen) == 0.0):
+            half_u = w * widen + half_u
+        ok = ((fu >= -half_nu) & (fu < half_nu) & (fv >= -half_nv) & (fv < half_nv)
+              & (au <= half_u) & (av <= get(self.modules.half[:, 1])) & (layer >= 0))
+        if isinstance(module, torch.Tensor) and module.ndim:
+            ok &= module >= 0
+        elif int(module) < 0:
+            ok &= False
         if bool((self.modules.hole > 0).any()):
             ok &= ~((au < get(self.modules.hole[:, 0])) & (av < get(self.modules.hole[:, 1])))
-        cell = off + (layer * nv + iv) * nu + iu
-        return torch.where(ok, cell, torch.full_like(cell, -1))
+        nu_f = f64(nu)
+        cell = (layer.to(torch.float64) * f64(nv) + (fv + half_nv)) * nu_f + (fu + half_nu)
+        cell += f64(get(self.offset[:-1])) + 1.0
+        cell *= ok.to(torch.float64)  # -1 off the module
+        return cell.to(torch.int64) - 1
 
     def decode(self, cell_id: torch.Tensor):
         """``(module, layer, iu, iv)`` of flat cell ids."""

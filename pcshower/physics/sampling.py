@@ -153,9 +153,13 @@ def _sampling_arrays(stack: Stack) -> dict:
 def _bin_table(edges: tuple):
     """Uniform-pitch lookup table of the extended segment index ``j = #(edges <= v)`` (``0`` in
     front of ``edges[0]``, ``S + 1`` behind ``edges[-1]``), or None when a binary search is
-    needed (a zero-width segment, or more than 10^6 bins). Bins are narrower than the thinnest
-    segment, so a bin holds at most one edge: ``j(v)`` is the table entry of ``v``'s bin or one
-    more (one comparison), and a second comparison downwards absorbs a bin index rounded up."""
+    needed (a zero-width segment, or more than 10^6 bins).
+
+    Bins are narrower than the thinnest segment, so a bin holds at most one edge: ``j(v)`` is the
+    table entry of ``v``'s bin or one more (one comparison with that edge). The grid is shifted
+    so that no edge lies within ``1e-9`` of the span of a bin boundary: a float64 bin index
+    rounded across a boundary then cannot cross an edge, and the one comparison is exact. Values
+    of lower precision get a second comparison downwards."""
     e = np.asarray(edges, dtype=np.float64)
     if e.size < 2:
         return None
@@ -164,19 +168,25 @@ def _bin_table(edges: tuple):
     if width <= 0 or span / width > 1e6:
         return None
     h = 0.999 * width
-    start = e[0] - h
+    tol = 1e-9 * (abs(e[0]) + span + h)
+    best = (-1.0, 0.0)
+    for shift in np.arange(64) / 64.0:  # the grid offset keeping edges furthest from boundaries
+        pos = (e - (e[0] - (1.0 + shift) * h)) / h
+        margin = float(np.abs(pos - np.round(pos)).min()) * h
+        best = max(best, (margin, shift))
+    start = e[0] - (1.0 + best[1]) * h
     n_bins = int(math.ceil((e[-1] + h - start) / h)) + 1
     table = np.searchsorted(e, start + h * np.arange(n_bins), side="right").astype(np.int64)
     upper = np.concatenate([e, [np.inf]])  # upper edge of extended segment j
     lower = np.concatenate([[-np.inf], e])  # its lower edge
-    return start, 1.0 / h, n_bins, table, upper, lower
+    return start, 1.0 / h, n_bins, table, upper, lower, best[0] > tol
 
 
 def extended_segment(values: torch.Tensor, edges) -> torch.Tensor:
     """``j = #(edges <= v)`` for each value: ``0`` in front of ``edges[0]``, ``i + 1`` in segment
     ``[edges[i], edges[i+1])``, ``S + 1`` at or behind ``edges[-1]`` (edges increasing, numpy or
     sequence). Equal to ``torch.searchsorted(edges, values, right=True)`` in the values' dtype,
-    computed through a cached table of uniform bins (two gathers and two comparisons per value
+    computed through a cached table of uniform bins (one gather and one comparison per value
     instead of a binary search); values must not be NaN."""
     dev, dt = values.device, values.dtype
     tab = _bin_table(tuple(float(x) for x in np.asarray(edges).reshape(-1)))
@@ -184,18 +194,19 @@ def extended_segment(values: torch.Tensor, edges) -> torch.Tensor:
                         device=dev)
     if tab is None or not values.is_floating_point():
         return torch.searchsorted(e, values.to(e.dtype).contiguous(), right=True)
-    start, inv_h, n_bins, table, upper, lower = tab
+    start, inv_h, n_bins, table, upper, lower, exact = tab
     # the bin of each value, clamped into the table (far outside: the first or last bin, whose
     # extended segment is 0 or S + 1 whatever the comparisons below)
     k = ((values - start) * inv_h).clamp_(0, n_bins - 1).to(torch.int64)
     j = torch.as_tensor(table, device=dev).index_select(0, k)
     up = torch.as_tensor(upper, dtype=dt, device=dev)
-    lo = torch.as_tensor(lower, dtype=dt, device=dev)
-    # edges rounded to the values' dtype exactly as searchsorted sees them
-    up[:-1], lo[1:] = e, e
+    up[:-1] = e  # edges rounded to the values' dtype exactly as searchsorted sees them
     # (bool -> int64 first: a mixed-dtype add is an order of magnitude slower on CPU)
     j += (values >= up.index_select(0, j)).to(torch.int64)
-    j -= (values < lo.index_select(0, j)).to(torch.int64)
+    if not (exact and dt == torch.float64):
+        lo = torch.as_tensor(lower, dtype=dt, device=dev)
+        lo[1:] = e
+        j -= (values < lo.index_select(0, j)).to(torch.int64)
     return j
 
 
