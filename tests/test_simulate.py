@@ -91,10 +91,12 @@ def test_lateral_containment(ild):
         assert in1 >= 0.88 and in35 >= 0.98
         # the spots reproduce the parametrisation's own prediction (radial CDF x profile)
         for radius, measured in ((1.0, in1), (3.5, in35)):
-            expected = gflash.mean_containment(radius, energy, medium.Z, medium.ec_mev)
+            expected = gflash.mean_containment(radius, energy, medium.Z, medium.ec_mev,
+                                               max_radius_rm=20.0)
             assert measured == pytest.approx(expected, abs=0.003)
         assert in1 < in35 < 1.0
     assert abs(fractions[10.0][0] - fractions[100.0][0]) < 0.01
+    assert torch.hypot(s.x, s.y).max() <= 20.0 * (1 + 1e-6)  # the profile is cut at 20 R_M
 
 
 def test_photons_start_later_than_electrons(ild):

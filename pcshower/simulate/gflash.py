@@ -178,10 +178,12 @@ def mean_profile(edges_x0: torch.Tensor, energy_gev: float, Z: float, ec_mev: fl
 
 
 def mean_containment(radius_rm: float, energy_gev: float, Z: float, ec_mev: float, *,
-                     samples: int = 1000, seed: int = 0) -> float:
+                     max_radius_rm: float | None = None, samples: int = 1000,
+                     seed: int = 0) -> float:
     """Mean fraction of the energy within ``radius_rm`` Moliere radii of the axis, predicted by the
-    parametrisation: the radial CDF ``r^2 / (r^2 + R^2)`` of core and tail, weighted by each
-    shower's longitudinal profile and averaged over ``samples`` draws of (T, alpha)."""
+    parametrisation: the radial CDF ``F(r) = r^2 / (r^2 + R^2)`` of core and tail (divided by
+    ``F(max_radius_rm)`` for a cut profile), weighted by each shower's longitudinal profile and
+    averaged over ``samples`` draws of (T, alpha)."""
     g = torch.Generator().manual_seed(seed)
     e = torch.full((samples, 1), float(energy_gev), dtype=torch.float64)
     p = sample_shower_parameters(e.flatten(), Z, ec_mev, g)
@@ -189,7 +191,14 @@ def mean_containment(radius_rm: float, energy_gev: float, Z: float, ec_mev: floa
     density = torch.exp(gamma_log_pdf(t, p.alpha[:, None], p.beta[:, None]))
     r_core, r_tail, p_core = radial_parameters(t * tau_scale(p)[:, None], e, Z)
     r2 = float(radius_rm) ** 2
-    inside = p_core * r2 / (r2 + r_core ** 2) + (1.0 - p_core) * r2 / (r2 + r_tail ** 2)
+    def cdf(r_sq, scale):
+        f = r_sq / (r_sq + scale ** 2)
+        if max_radius_rm is not None:
+            m2 = float(max_radius_rm) ** 2
+            f = torch.clamp(f / (m2 / (m2 + scale ** 2)), max=1.0)
+        return f
+
+    inside = p_core * cdf(r2, r_core) + (1.0 - p_core) * cdf(r2, r_tail)
     return float(((density * inside).sum(1) / density.sum(1)).mean())
 
 

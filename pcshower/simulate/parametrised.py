@@ -31,7 +31,8 @@ from pcshower.physics.stack import Stack
 from pcshower.simulate import gflash
 from pcshower.units import DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code, particle_name
 
-__all__ = ["simulate_parametrised", "EM_PARTICLES", "ENERGY_RANGE_GEV", "MAX_THETA_RAD"]
+__all__ = ["simulate_parametrised", "EM_PARTICLES", "ENERGY_RANGE_GEV", "MAX_THETA_RAD",
+           "MAX_RADIUS_RM"]
 
 #: PDG codes the parametrisation describes (photons, electrons, positrons).
 EM_PARTICLES = (22, 11, -11)
@@ -40,6 +41,11 @@ EM_PARTICLES = (22, 11, -11)
 ENERGY_RANGE_GEV = (1.0, 1000.0)
 #: Largest polar angle to the stack normal accepted (89 degrees).
 MAX_THETA_RAD = math.radians(89.0)
+#: Radius (R_M) where the radial profile is cut by default. The GFlash ansatz falls as r^-3, so
+#: without a cut every 50 GeV shower has a few spots beyond 20 R_M and some at hundreds of R_M
+#: (metres in tungsten), far outside the range the parametrisation describes; the cut moves
+#: about 0.05 % of the energy inside it.
+MAX_RADIUS_RM = 20.0
 #: Spots per chunk: bounds the memory of one vectorised pass (~100 bytes per spot).
 CHUNK_SPOTS = 2_000_000
 
@@ -91,7 +97,8 @@ def _segment_softmax(log_w: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torc
     return w / total.index_select(0, seg)
 
 
-def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scale: float):
+def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scale: float,
+                   max_radius_rm: float | None = None):
     """Spots of a chunk of showers in the physics frame: ``(points [P, 4] f32, counts [B])``."""
     Z = float(medium.Z)
     params = gflash.sample_shower_parameters(energy, Z, medium.ec_mev, generator)
@@ -104,8 +111,12 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
     r_core, r_tail, p_core = gflash.radial_parameters(tau, energy, Z, seg)
     u = torch.rand((3, t.numel()), dtype=t.dtype, device=t.device, generator=generator)
     radius_scale = torch.where(u[0] < p_core, r_core, r_tail)
-    # inverse CDF of 2 r R^2 / (r^2 + R^2)^2: r = R sqrt(u / (1 - u))
-    r = radius_scale * torch.sqrt(u[1] / (1.0 - u[1]).clamp_min(1e-7))
+    # inverse CDF of 2 r R^2 / (r^2 + R^2)^2, F(r) = r^2 / (r^2 + R^2): r = R sqrt(u / (1 - u)),
+    # with u < F(r_max) when the profile is cut at r_max
+    v = u[1]
+    if max_radius_rm is not None:
+        v = v * (max_radius_rm ** 2 / (max_radius_rm ** 2 + radius_scale ** 2))
+    r = radius_scale * torch.sqrt(v / (1.0 - v).clamp_min(1e-7))
     ang = (2.0 * math.pi) * u[2]
     if code == 22:  # photons convert after an exponential depth of mean 9/7 X0
         start = torch.empty(n_showers, dtype=torch.float64, device=t.device).exponential_(
@@ -152,6 +163,7 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
 
 def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: int,
                           frame: str = PHYSICS_FRAME, *, spot_scale: float = 1.0,
+                          max_radius_rm: float | None = MAX_RADIUS_RM,
                           crossing_rms: float = DEFAULT_CROSSING_RMS,
                           device: str | torch.device = "cpu", progress=None) -> Showers:
     """Simulate EM showers with the GFlash parametrisation; the ``parametrised`` engine.
@@ -167,6 +179,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         frame: ``"physics"`` (X0, R_M, energy fraction) or ``"detector"`` (mm, MeV, visible
             energy in active layers, stack-local frame with the impact point at the origin).
         spot_scale: multiplies GFlash's number of spots (1 = the published count).
+        max_radius_rm: the radial profile is cut at this radius (R_M) and renormalised inside
+            it; ``None`` keeps the full r^-3 tail of the ansatz (see :data:`MAX_RADIUS_RM`).
         crossing_rms: ``kappa`` of the sampling fluctuations (detector frame only), see
             :mod:`pcshower.physics.sampling`.
         device: torch device to simulate on.
@@ -182,6 +196,9 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         raise TypeError(f"stack must be a pcshower.physics.Stack, got {type(stack).__name__}")
     if spot_scale <= 0:
         raise ValueError(f"spot_scale must be positive, got {spot_scale}")
+    if max_radius_rm is not None and not (math.isfinite(max_radius_rm) and max_radius_rm > 0):
+        raise ValueError(f"max_radius_rm must be a positive number of R_M or None, got "
+                         f"{max_radius_rm!r}")
     energy_np, theta_np, phi_np, code = _check_inputs(energy_gev, theta, phi, particle)
     medium = stack.effective_medium()
     if frame == DETECTOR_FRAME:
@@ -199,7 +216,7 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
-        p, c = _physics_spots(energy[a:b], code, medium, generator, spot_scale)
+        p, c = _physics_spots(energy[a:b], code, medium, generator, spot_scale, max_radius_rm)
         if frame == DETECTOR_FRAME:
             p, c = _to_detector(p, c, energy[a:b], theta_t[a:b], phi_t[a:b], stack, medium,
                                 generator, crossing_rms)
@@ -213,7 +230,7 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
                 "engine": "parametrised", "stack": stack.name,
                 "medium": {"Z": medium.Z, "x0_mm": medium.x0_mm, "rm_mm": medium.rm_mm,
                            "ec_mev": medium.ec_mev},
-                "spot_scale": spot_scale}
+                "spot_scale": spot_scale, "max_radius_rm": max_radius_rm}
     if frame == DETECTOR_FRAME:
         metadata["crossing_rms"] = crossing_rms
     return Showers.from_counts(points, counts, energy=energy.cpu(), theta=theta_t.cpu(),
