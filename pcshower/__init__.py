@@ -15,11 +15,14 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from pcshower.data import CellHits, Showers
 
 # Heavier entry points are imported on first use so that `import pcshower` stays fast.
+# (The simulator is the subpackage `pcshower.simulate`; its function is `pcshower.simulate.simulate`.)
 _LAZY = {
     "load_geometry": "pcshower.geometry",
-    "simulate": "pcshower.simulate",
     "generate": "pcshower.models.generate",
 }
+
+#: Subpackages reachable as attributes after a plain `import pcshower` (imported on first use).
+_SUBPACKAGES = ("io", "physics", "simulate", "geometry", "models", "nn", "evaluate", "units")
 
 __all__ = ["Showers", "CellHits", "__version__", *_LAZY]
 
@@ -27,4 +30,6 @@ __all__ = ["Showers", "CellHits", "__version__", *_LAZY]
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return import_module(f"pcshower.{name}")
     raise AttributeError(f"module 'pcshower' has no attribute {name!r}")

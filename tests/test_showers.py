@@ -145,3 +145,13 @@ def test_empty_batch():
     empty = Showers.empty()
     assert len(empty) == 0 and empty.total_points == 0
     assert empty.to_dense()[0].shape == (0, 0, 4)
+
+
+def test_plain_import_reaches_subpackages_and_entry_points():
+    import subprocess
+    import sys
+
+    code = ("import pcshower; assert callable(pcshower.simulate.simulate); "
+            "assert callable(pcshower.io.read_parquet); assert callable(pcshower.load_geometry); "
+            "assert callable(pcshower.generate)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -227,12 +227,12 @@ def test_same_seed_same_showers(ild):
 
 def test_simulate_api_conditions_and_provenance(ild):
     energies = np.array([5.0, 10.0, 20.0])
-    s = pcshower.simulate(3, energies, theta=[0.0, 0.1, 0.2], phi=1.0, stack=ild, seed=1)
+    s = pcshower.simulate.simulate(3, energies, theta=[0.0, 0.1, 0.2], phi=1.0, stack=ild, seed=1)
     assert torch.equal(s.energy, torch.as_tensor(energies))
     assert s.theta.tolist() == [0.0, 0.1, 0.2] and s.particle.tolist() == [22, 22, 22]
     assert s.metadata["generator"] == "pcshower-parametrised-gflash"
     assert s.metadata["reduction"]["grid"]["kind"] == "polar"
-    raw = pcshower.simulate(3, energies, stack=ild, seed=1, reduce=False)
+    raw = pcshower.simulate.simulate(3, energies, stack=ild, seed=1, reduce=False)
     assert raw.total_points > s.total_points and "reduction" not in raw.metadata
 
 

@@ -19,18 +19,3 @@ def __getattr__(name):
         return produce
     raise AttributeError(f"module 'pcshower.simulate' has no attribute {name!r}")
 
-
-# ``pcshower.simulate`` is both this package and the function ``simulate``: once the package is
-# imported, Python binds the package object to the ``pcshower.simulate`` attribute, which hides
-# the lazy function. Making the package itself callable keeps ``pcshower.simulate(...)`` working
-# however and in whatever order the package was imported.
-import sys as _sys
-import types as _types
-
-
-class _CallablePackage(_types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return simulate(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallablePackage
