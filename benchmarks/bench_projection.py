@@ -53,6 +53,27 @@ def time_projection(geometry, showers, repeat: int, fluctuate: bool, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return _timed(run, repeat)
+
+
+def time_sampling(geometry, showers, repeat: int, fluctuate: bool, device):
+    from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
+
+    pts = showers.points.double()
+    batch = torch.repeat_interleave(torch.arange(len(showers), device=device), showers.num_points)
+    energy = pts[:, 3] * 50e3
+
+    def run():
+        gen = torch.Generator(device=device).manual_seed(1)
+        z = depth_x0_to_mm(pts[:, 2].contiguous(), geometry.stack)
+        to_active_layers(z, energy, batch, geometry.stack, fluctuate=fluctuate, generator=gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return _timed(run, repeat)
+
+
+def _timed(run, repeat: int):
     run()
     times, cpu = [], []
     for _ in range(repeat):
@@ -74,6 +95,9 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--spread", action="store_true",
                    help="a different direction per shower (default: one shared direction)")
+    p.add_argument("--sampling-only", action="store_true",
+                   help="time only the shared sampling model (depth_x0_to_mm + to_active_layers) "
+                        "on the showers' depths at normal incidence")
     ARGS = p.parse_args()
     torch.set_num_threads(ARGS.threads)
     device = torch.device(ARGS.device)
@@ -82,8 +106,13 @@ def main():
     result = {"geometry": geo.name, "device": str(device), "threads": ARGS.threads,
               "directions": "one per shower" if ARGS.spread else "shared",
               "showers": ARGS.showers, "points_per_shower": ARGS.points}
+    if ARGS.sampling_only:
+        result["part"] = "sampling model only"
     for fluctuate in (False, True):
-        t, cpu = time_projection(geo, showers, ARGS.repeat, fluctuate, device)
+        if ARGS.sampling_only:
+            t, cpu = time_sampling(geo, showers, ARGS.repeat, fluctuate, device)
+        else:
+            t, cpu = time_projection(geo, showers, ARGS.repeat, fluctuate, device)
         key = "fluctuations" if fluctuate else "mean_response"
         result[f"{key}_s"] = round(t, 4)
         result[f"{key}_points_per_s"] = float(f"{showers.total_points / t:.3g}")
