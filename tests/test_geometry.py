@@ -466,3 +466,23 @@ def test_inclined_readout_refuses_a_stack_and_unknown_placement(tmp_path):
         load_geometry(write(tmp_path, yaml.safe_dump(doc), "b.yaml"))
     with pytest.raises(GeometryError, match="placement.torus: unknown placement kind"):
         load_geometry(write(tmp_path, GOOD.replace("  plane:", "  torus:"), "c.yaml"))
+
+
+@pytest.mark.parametrize("max_cell", [50, 40_000, 10 ** 9, 10 ** 15])
+def test_sum_per_cell_equals_unique_in_every_path(max_cell):
+    # dense array (small spread), int32 sort, int64 sort: the same hits as torch.unique
+    from pcshower.geometry.geometry import _sum_per_cell
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([0, 700, 1, 0, 1500, 300, 0])
+    n = counts.numel()
+    batch = torch.repeat_interleave(torch.arange(n), counts)
+    cell = torch.randint(0, max_cell, (batch.numel(),), generator=g)
+    cell[::3] = cell[1::3][: cell[::3].numel()]  # repeated cells within a shower
+    energy = torch.rand(batch.numel(), generator=g, dtype=torch.float64) + 0.01
+    cell_id, summed, ptr = _sum_per_cell(batch, cell, energy, n, max_cell)
+    key = batch * max_cell + cell
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    expected = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, energy)
+    assert torch.equal(cell_id, uniq % max_cell)
+    torch.testing.assert_close(summed, expected, rtol=1e-12, atol=0)
+    assert ptr.tolist() == [0] + torch.cumsum(torch.bincount(uniq // max_cell, minlength=n), 0).tolist()
