@@ -181,3 +181,18 @@ def test_extended_segment_is_exact_at_edges_and_table_bin_boundaries(name, dtype
                             torch.nextafter(probes, probes + 1)])
         assert torch.equal(extended_segment(values, edges),
                            torch.searchsorted(e, values, right=True))
+
+
+def test_slab_from_the_x0_lookup_gives_the_same_response():
+    stack = ild_stack()
+    t = torch.rand(20_000, generator=_gen(9), dtype=torch.float64) * 1.3 * stack.total_x0 - 1.0
+    t = torch.cat([t, torch.as_tensor(stack.x0_edges)])
+    z, slab = depth_x0_to_mm(t, stack, return_slab=True)
+    assert torch.equal(z, depth_x0_to_mm(t, stack))
+    e = torch.full_like(z, 5.0)
+    b = torch.zeros(z.numel(), dtype=torch.long)
+    direct = to_active_layers(z, e, b, stack, fluctuate=False)
+    given = to_active_layers(z, e, b, stack, fluctuate=False, slab=slab)
+    assert torch.equal(direct[0], given[0]) and torch.equal(direct[1], given[1])
+    with pytest.raises(ValueError, match="slab"):
+        to_active_layers(z, e, b, stack, slab=slab[:-1])

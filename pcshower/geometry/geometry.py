@@ -257,7 +257,7 @@ class Geometry:
             du = _dot3(r[0] * rm, r[1] * rm, r[2] * x0, x, y, z)  # offset from the impact point
             dv = _dot3(r[3] * rm, r[4] * rm, r[5] * x0, x, y, z)
             normal_x0 = _dot3(r[6] * (rm / x0), r[7] * (rm / x0), r[8], x, y, z)
-            w = depth_x0_to_mm(normal_x0, self.stack)
+            w, slab = depth_x0_to_mm(normal_x0, self.stack, return_slab=True)
         else:
             du, dv, w = x, y, z
         # [P, 3] view of a [3, P] block (stacking rows is several times cheaper than columns)
@@ -266,10 +266,12 @@ class Geometry:
         if self.modules is not None and self._staves:
             module, handed_over = self._hand_over(local, module)
         depth = self._sampling_depth(local, frames, batch)
+        if showers.frame == PHYSICS_FRAME and (handed_over or self.readout.kind == "inclined"):
+            slab = None  # the sampling depth is no longer the depth along the shower's face normal
         if showers.frame == PHYSICS_FRAME:
             # depths outside the stack fall in no sampling cell (layer -1)
             active, visible = to_active_layers(depth, energy, batch, self.stack, fluctuate=fluctuate,
-                                               generator=generator)
+                                               generator=generator, slab=slab)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
         else:
             visible, layer = energy, self._layer_of_depth(depth)

@@ -231,20 +231,23 @@ def _x0_to_mm_coefficients(stack: Stack):
     return a, b
 
 
-def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack) -> torch.Tensor:
+def depth_x0_to_mm(depth_x0: torch.Tensor, stack: Stack, *, return_slab: bool = False):
     """Depth in radiation lengths traversed (along the stack normal) to depth in mm.
 
     Piecewise linear through the slab boundaries (``stack.x0_edges`` -> ``stack.z_edges_mm``), so
     a shower that develops in X0 crosses thin and thick absorbers at the right place; behind the
     back face and in front of the front face the stack's mean mm per X0 is used. One table lookup
-    (:func:`extended_segment`) and one multiply-add per value.
+    (:func:`extended_segment`) and one multiply-add per value. With ``return_slab``, also the
+    extended slab index of each depth (0 in front, ``s + 1`` in slab ``s``, ``S + 1`` behind),
+    which :func:`to_active_layers` accepts instead of looking the mm depth up again.
     """
     dt = depth_x0.dtype if depth_x0.is_floating_point() else torch.float64
     t = depth_x0.to(dt)
     j = extended_segment(t, stack.x0_edges)
     a, b = _x0_to_mm_coefficients(stack)
     a = torch.as_tensor(a, dtype=dt, device=t.device).index_select(0, j)
-    return a.addcmul_(t, torch.as_tensor(b, dtype=dt, device=t.device).index_select(0, j))
+    z = a.addcmul_(t, torch.as_tensor(b, dtype=dt, device=t.device).index_select(0, j))
+    return (z, j) if return_slab else z
 
 
 def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -306,7 +309,7 @@ def _response_table(stack: Stack, crossing_rms: float):
 
 def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tensor, stack: Stack,
                      *, fluctuate: bool = True, generator: torch.Generator | None = None,
-                     crossing_rms: float = DEFAULT_CROSSING_RMS):
+                     crossing_rms: float = DEFAULT_CROSSING_RMS, slab: torch.Tensor | None = None):
     """Active layer and visible energy of equivalent-medium deposits in a sampling stack.
 
     Args:
@@ -319,6 +322,9 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
         fluctuate: draw sampling fluctuations (else return the mean visible energy).
         generator: ``torch.Generator`` on the tensors' device, for reproducible fluctuations.
         crossing_rms: ``kappa``, relative r.m.s. of one crossing's visible deposit.
+        slab: ``[P]`` extended slab index of each depth when already known (from
+            ``depth_x0_to_mm(..., return_slab=True)``); it replaces the lookup of ``z_mm`` (they
+            agree up to the round-off of the mm depth at a slab boundary).
 
     Returns:
         ``(layer, visible_mev)``: ``[P]`` int64 active-layer index (-1 in front of, behind or
@@ -344,7 +350,13 @@ def to_active_layers(z_mm: torch.Tensor, e_mev: torch.Tensor, batch: torch.Tenso
         stack, float(crossing_rms))
     dev = z_mm.device
     dt = e_mev.dtype if e_mev.is_floating_point() else torch.float64
-    j = extended_segment(z_mm if z_mm.is_floating_point() else z_mm.double(), edges)
+    if slab is None:
+        j = extended_segment(z_mm if z_mm.is_floating_point() else z_mm.double(), edges)
+    else:
+        if slab.shape != z_mm.shape:
+            raise ValueError(f"slab must have one entry per point ({z_mm.shape[0]}), got "
+                             f"{tuple(slab.shape)}")
+        j = slab
     table = lambda x: torch.as_tensor(x, dtype=dt, device=dev).index_select(0, j)  # noqa: E731
     layer = torch.as_tensor(layer_of, device=dev).index_select(0, j)
     mean = table(frac_of) * e_mev.to(dt)
