@@ -54,7 +54,7 @@ def _row(case: str, r: dict) -> str:
     k, f = r.get("kpd", {}), r.get("fpd", {})
     s = r["summary"]
     return (f"| {case} | {s['w1_ratio_median']:.2f} | {s['w1_ratio_max']:.1f} ({s['worst_w1'][0]}) | "
-            f"{ratio('visible_energy')} | {ratio('width_u')} | {ratio('layer_energy[10]')} | "
+            f"{ratio('energy_ratio')} | {ratio('width_u')} | {ratio('layer_energy[10]')} | "
             f"{g.get('auc', float('nan')):.3f} ({g.get('floor_auc', float('nan')):.3f}) | "
             f"{d.get('auc', float('nan')):.3f} ({d.get('floor_auc', float('nan')):.3f}) | "
             f"{1e3 * k.get('value', float('nan')):.3g} ({1e3 * k.get('floor', float('nan')):.3g}) | "

@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     page = write_report(result, gen, ref, args.out)
     s = result["summary"]
     print(f"{names[0]} vs {names[1]}: {result['n_generated']} vs {result['n_reference']} showers; "
-          f"W1/floor median {s['w1_ratio_median']:.2f}, max {s['w1_ratio_max']:.2f} "
-          f"({s['worst_w1'][0]})", end="")
+          f"W1/floor median {s.get('w1_ratio_median', math.nan):.2f}, max "
+          f"{s.get('w1_ratio_max', math.nan):.2f} ({(s.get('worst_w1') or ['–'])[0]})", end="")
     if "classifier_gbdt" in result:
         c = result["classifier_gbdt"]
         print(f"; AUC {c['auc']:.3f} (floor {c['floor_auc']:.3f})", end="")

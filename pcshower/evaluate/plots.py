@@ -172,8 +172,9 @@ def event_display_points(points: np.ndarray, path, *, title: str = "", units=(""
 
 def event_display_cells(layer: np.ndarray, xy: np.ndarray, energy: np.ndarray, path, *,
                         title: str = "", num_layers: int | None = None):
-    """Cells of one shower: energy per (layer, x) and (layer, y) as 2-D histograms (log colour)
-    and the x-y map summed over layers; ``xy`` in mm, ``energy`` in MeV."""
+    """Cells of one shower: cell energies (log colour) against layer and the transverse
+    coordinates u, v about the shower's centre of gravity (``xy`` [n, 2] in mm; u = x, v = y for
+    a shower along z), and the u-v map of all layers; ``energy`` in MeV."""
     layer = np.asarray(layer)
     xy = np.asarray(xy, dtype=np.float64)
     e = np.asarray(energy, dtype=np.float64)
@@ -189,7 +190,7 @@ def event_display_cells(layer: np.ndarray, xy: np.ndarray, energy: np.ndarray, p
         norm = LogNorm(vmin=max(e.min(), 1e-6), vmax=max(e.max(), 1e-6 * 1.01))
         lo = np.quantile(xy, 0.0, axis=0)
         hi = np.quantile(xy, 1.0, axis=0)
-        for ax, k, lab in ((axes[0], 0, "x"), (axes[1], 1, "y")):
+        for ax, k, lab in ((axes[0], 0, "u"), (axes[1], 1, "v")):
             ax.scatter(layer, xy[:, k], c=e, s=8, marker="s", cmap="inferno", norm=norm, lw=0)
             ax.set_xlim(-0.5, nl - 0.5)
             ax.set_ylim(lo[k] - 5, hi[k] + 5)
@@ -197,8 +198,8 @@ def event_display_cells(layer: np.ndarray, xy: np.ndarray, energy: np.ndarray, p
             ax.set_ylabel(f"{lab} [mm]")
         sc = axes[2].scatter(xy[:, 0], xy[:, 1], c=e, s=6, marker="s", cmap="inferno", norm=norm,
                              lw=0)
-        axes[2].set_xlabel("x [mm]")
-        axes[2].set_ylabel("y [mm]")
+        axes[2].set_xlabel("u [mm]")
+        axes[2].set_ylabel("v [mm]")
         axes[2].set_aspect("equal", adjustable="datalim")
         fig.colorbar(sc, ax=axes, shrink=0.85, label="cell energy [MeV]")
     fig.suptitle(title, fontsize=10)
