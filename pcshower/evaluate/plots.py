@@ -107,41 +107,36 @@ def profile_panel(fig, cell, generated, reference, centers, *, label: str, ylabe
     return top, bottom
 
 
+def _panel_grid(panels: list[dict], path, draw, axis_key: str, *, ncols: int, title: str | None,
+                names, hspace: float):
+    n = len(panels)
+    nrows = int(np.ceil(n / ncols))
+    fig = plt.figure(figsize=(4.2 * ncols, 3.6 * nrows), dpi=110)
+    gs = fig.add_gridspec(nrows, ncols, hspace=hspace, wspace=0.3)
+    for k, p in enumerate(panels):
+        p = dict(p)
+        draw(fig, gs[k // ncols, k % ncols], p.pop("generated"), p.pop("reference"),
+             p.pop(axis_key), names=names, **p)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def observable_grid(panels: list[dict], path, *, ncols: int = 3, title: str | None = None,
                     names=("generated", "reference")):
     """A PNG of several :func:`histogram_panel` (each a dict of its keyword arguments plus
     ``generated``, ``reference``, ``edges``)."""
-    n = len(panels)
-    nrows = int(np.ceil(n / ncols))
-    fig = plt.figure(figsize=(4.2 * ncols, 3.6 * nrows), dpi=110)
-    gs = fig.add_gridspec(nrows, ncols, hspace=0.35, wspace=0.3)
-    for k, p in enumerate(panels):
-        p = dict(p)
-        histogram_panel(fig, gs[k // ncols, k % ncols], p.pop("generated"), p.pop("reference"),
-                        p.pop("edges"), names=names, **p)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _panel_grid(panels, path, histogram_panel, "edges", ncols=ncols, title=title,
+                       names=names, hspace=0.35)
 
 
 def profile_grid(panels: list[dict], path, *, ncols: int = 3, title: str | None = None,
                  names=("generated", "reference")):
-    """A PNG of several :func:`profile_panel`."""
-    n = len(panels)
-    nrows = int(np.ceil(n / ncols))
-    fig = plt.figure(figsize=(4.2 * ncols, 3.6 * nrows), dpi=110)
-    gs = fig.add_gridspec(nrows, ncols, hspace=0.4, wspace=0.3)
-    for k, p in enumerate(panels):
-        p = dict(p)
-        profile_panel(fig, gs[k // ncols, k % ncols], p.pop("generated"), p.pop("reference"),
-                      p.pop("centers"), names=names, **p)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """A PNG of several :func:`profile_panel` (each with ``generated``, ``reference``, ``centers``)."""
+    return _panel_grid(panels, path, profile_panel, "centers", ncols=ncols, title=title,
+                       names=names, hspace=0.4)
 
 
 def event_display_points(points: np.ndarray, path, *, title: str = "", units=("", "", "", "")):

@@ -146,11 +146,7 @@ class CylindricalReadout:
 
     def decode(self, cell_id: torch.Tensor):
         """``(layer, ia, ir)`` of flat voxel ids."""
-        cell_id = torch.as_tensor(cell_id, dtype=torch.int64)
-        layer = torch.searchsorted(self.offset, cell_id, right=True) - 1
-        local = cell_id - self.offset[layer]
-        n_r = self.n_r[layer]
-        return layer, local // n_r, local % n_r
+        return _decode_layered(cell_id, self.offset, self.n_r)
 
     def cell_layer(self, cell_id: torch.Tensor) -> torch.Tensor:
         return self.decode(cell_id)[0]
@@ -257,11 +253,7 @@ class InclinedReadout:
 
     def decode(self, cell_id: torch.Tensor):
         """``(layer, theta cell, module cell)`` of flat cell ids."""
-        cell_id = torch.as_tensor(cell_id, dtype=torch.int64)
-        layer = torch.searchsorted(self.offset, cell_id, right=True) - 1
-        local = cell_id - self.offset[layer]
-        n_mod = self.n_mod[layer]
-        return layer, local // n_mod, local % n_mod
+        return _decode_layered(cell_id, self.offset, self.n_mod)
 
     def cell_layer(self, cell_id: torch.Tensor) -> torch.Tensor:
         return self.decode(cell_id)[0]
@@ -279,3 +271,13 @@ class InclinedReadout:
         s = -self.rmin * ca + torch.sqrt(r * r - (self.rmin * sa) ** 2)
         phi = start + torch.atan2(s * sa, self.rmin + s * ca)
         return torch.stack([r * torch.cos(phi), r * torch.sin(phi), r / torch.tan(theta)], -1)
+
+
+def _decode_layered(cell_id, offset: torch.Tensor, inner: torch.Tensor):
+    """``(layer, outer, inner)`` of flat ids numbered layer by layer from ``offset [L]``, with
+    ``inner[layer]`` the fastest-running index's size in each layer."""
+    cell_id = torch.as_tensor(cell_id, dtype=torch.int64)
+    layer = torch.searchsorted(offset, cell_id, right=True) - 1
+    local = cell_id - offset[layer]
+    width = inner[layer]
+    return layer, local // width, local % width
