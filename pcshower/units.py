@@ -27,6 +27,7 @@ __all__ = [
     "deg_to_rad",
     "rad_to_deg",
     "GEV_TO_MEV",
+    "parse_range",
 ]
 
 LENGTH_UNIT = "mm"
@@ -91,3 +92,27 @@ def deg_to_rad(angle_deg):
 
 def rad_to_deg(angle_rad):
     return np.asarray(angle_rad, dtype=np.float64) * (180.0 / math.pi)
+
+
+def parse_range(text, name: str) -> tuple[float, float]:
+    """``"10:100"`` -> (10, 100); ``"50"`` -> (50, 50). Raises a ``ValueError`` naming ``name``."""
+    if isinstance(text, (int, float)):
+        lo = hi = float(text)
+    elif isinstance(text, (tuple, list)) and len(text) == 2:
+        lo, hi = float(text[0]), float(text[1])
+    else:
+        parts = str(text).split(":")
+        try:
+            if len(parts) == 1:
+                lo = hi = float(parts[0])
+            elif len(parts) == 2:
+                lo, hi = float(parts[0]), float(parts[1])
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{name} must be a number or a range LOW:HIGH, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} range {lo}:{hi} must be finite numbers")
+    if lo > hi:
+        raise ValueError(f"{name} range {lo:g}:{hi:g} is empty: LOW must not exceed HIGH")
+    return lo, hi

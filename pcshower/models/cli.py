@@ -8,23 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pcshower.units import parse_range
+
 __all__ = ["register", "parse_range"]
 
 log = logging.getLogger(__name__)
-
-
-def parse_range(text: str, name: str) -> tuple[float, float]:
-    """``"50"`` → (50, 50); ``"10:100"`` → (10, 100); errors name the option."""
-    parts = str(text).split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--{name} {text!r}: expected a number or a range LOW:HIGH") from None
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) != 2 or values[0] > values[1]:
-        raise ValueError(f"--{name} {text!r}: expected LOW:HIGH with LOW <= HIGH")
-    return values[0], values[1]
 
 
 def register(subparsers) -> None:

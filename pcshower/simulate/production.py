@@ -25,35 +25,11 @@ from pcshower.physics.stack import Slab, Stack
 from pcshower.simulate.api import (finish, get_engine, local_angles, resolve_stack,
                                    validate_conditions)
 from pcshower.simulate.reduce import GRID_PRESETS, PolarGrid, grid_for, reduce_points
-from pcshower.units import FRAMES, deg_to_rad, particle_code
+from pcshower.units import FRAMES, deg_to_rad, parse_range, particle_code
 
 __all__ = ["produce", "RunConfig", "parse_range", "parse_stack_spec", "shard_conditions"]
 
 MANIFEST = "run.json"
-
-
-def parse_range(text, name: str) -> tuple[float, float]:
-    """``"10:100"`` -> (10, 100); ``"50"`` -> (50, 50). Raises a ``ValueError`` naming ``name``."""
-    if isinstance(text, (int, float)):
-        lo = hi = float(text)
-    elif isinstance(text, (tuple, list)) and len(text) == 2:
-        lo, hi = float(text[0]), float(text[1])
-    else:
-        parts = str(text).split(":")
-        try:
-            if len(parts) == 1:
-                lo = hi = float(parts[0])
-            elif len(parts) == 2:
-                lo, hi = float(parts[0]), float(parts[1])
-            else:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{name} must be a number or a range LOW:HIGH, got {text!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} range {lo}:{hi} must be finite numbers")
-    if lo > hi:
-        raise ValueError(f"{name} range {lo:g}:{hi:g} is empty: LOW must not exceed HIGH")
-    return lo, hi
 
 
 _SLAB = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*:\s*([0-9.eE+\-]+)\s*(?::\s*(active|a|passive|p))?\s*$")
