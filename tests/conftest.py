@@ -27,5 +27,15 @@ def make_showers(n=20, max_points=40, seed=0, frame="detector", extra_features=(
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (small nets on a shared machine run fastest, and
+    reproducibly, that way) and restore the thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def showers():
     return make_showers()

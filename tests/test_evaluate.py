@@ -20,17 +20,14 @@ from pcshower.evaluate.report import sample_from_showers
 
 
 @pytest.fixture(autouse=True)
-def _quiet_machine(monkeypatch):
+def _quiet_machine(monkeypatch, one_thread):
     # "auto" must not spend a KeOps compile in tests that are not about KeOps; one thread each
     # for torch and OpenMP, as two shared cores run 3-5x slower oversubscribed
     from threadpoolctl import threadpool_limits
 
     monkeypatch.setenv("PCSHOWER_KEOPS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with threadpool_limits(1):
         yield
-    torch.set_num_threads(threads)
 
 
 def toy_showers(n, seed, *, energy_scale=1.0, radial_scale=1.0, drop_layer=None, points=120):

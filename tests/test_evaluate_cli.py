@@ -16,12 +16,8 @@ FAST = ["--no-classifier", "--no-network", "--no-distances", "--n-boot", "3"]
 
 
 @pytest.fixture(autouse=True)
-def _quiet_machine(monkeypatch):
+def _quiet_machine(monkeypatch, one_thread):
     monkeypatch.setenv("PCSHOWER_KEOPS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy(n, seed, points=40, energy_scale=1.0):

@@ -7,13 +7,7 @@ from pcshower.models.calibration import calibrate_points
 from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, largest_remainder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small nets on a shared machine run fastest (and reproducibly) on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flow_reproduces_moments_of_a_conditional_2d_gaussian():

@@ -64,8 +64,7 @@ def hotelling(a: np.ndarray, b: np.ndarray):
 
 
 @pytest.mark.slow
-def test_physics_frame_projection_matches_direct_simulation_in_the_ild_stack():
-    torch.set_num_threads(1)
+def test_physics_frame_projection_matches_direct_simulation_in_the_ild_stack(one_thread):
     ild = load_geometry("ild")
     direct = simulate("detector", seed=11)
     physics = simulate("physics", seed=12)

@@ -21,12 +21,7 @@ TINY_MODEL = {"slices": {"num": 4, "z_max_x0": 10.0}, "flow": {"transforms": 1, 
               "epic": {"point_dim": 16, "global_dim": 8, "hidden": 32, "layers": 2}, "steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_showers(n: int, seed: int = 0) -> Showers:
