@@ -21,7 +21,7 @@ from pcshower.models.samplers import SAMPLERS, karras_sigmas
 from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape
 from pcshower.nn.epic import EPiCNetwork
 
-__all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config"]
+__all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"]
 
 #: Model hyper-parameters; a YAML config's ``model:`` section overrides any of them.
 DEFAULT_MODEL_CONFIG = {
@@ -36,6 +36,13 @@ DEFAULT_MODEL_CONFIG = {
     "sampler": "heun",
     "steps": 16,
     "max_points": 4096,
+    # transverse feature warp: the network sees r' = s asinh(r / s) instead of r (x, y scaled
+    # alike), s in R_M; expands the dense core and compresses the sparse tail. None: no warp.
+    "radial_scale": None,
+    # generation-time split of every point into `factor` sub-points of equal energy, spread
+    # uniformly over a box of `box` = [dx, dy, dz] (R_M, R_M, X0) about it: undoes the loss of
+    # within-voxel spread of training data merged on that grid (see docs/models.md).
+    "split": {"factor": 1, "box": None},
 }
 
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
@@ -123,14 +130,24 @@ class ShowerModel(nn.Module):
         return float(self.norm.ranges[2]), float(self.norm.ranges[3])
 
     def _point_features_raw(self, points: torch.Tensor) -> torch.Tensor:
-        return torch.cat([points[:, :3], points[:, 3:4].clamp(min=1e-12).log()], 1)
+        xy = points[:, :2]
+        s = self.config["radial_scale"]
+        if s is not None:
+            r = torch.hypot(xy[:, 0], xy[:, 1])[:, None]
+            xy = xy * _asinh_ratio(r / s)
+        return torch.cat([xy, points[:, 2:3], points[:, 3:4].clamp(min=1e-12).log()], 1)
 
     def normalize_points(self, points: torch.Tensor) -> torch.Tensor:
         return (self._point_features_raw(points) - self.norm.point_mean) / self.norm.point_std
 
     def denormalize_points(self, x: torch.Tensor) -> torch.Tensor:
         p = x * self.norm.point_std + self.norm.point_mean
-        return torch.cat([p[:, :3], p[:, 3:4].clamp(max=0.0).exp()], 1)
+        xy = p[:, :2]
+        s = self.config["radial_scale"]
+        if s is not None:  # invert r' = s asinh(r / s): r = s sinh(r' / s)
+            r_warp = torch.hypot(xy[:, 0], xy[:, 1])[:, None]
+            xy = xy * _sinh_ratio(r_warp / s)
+        return torch.cat([xy, p[:, 2:3], p[:, 3:4].clamp(max=0.0).exp()], 1)
 
     def condition(self, energy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """``[B, 4]`` standardised conditioning vector from GeV / rad conditions."""
@@ -213,8 +230,53 @@ class ShowerModel(nn.Module):
         points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
         if calibrate:
             points = calibrate_points(points, ptr, shape, self.codec.z_edges)
+        points, ptr = split_points(points, ptr, int(self.config["split"]["factor"]),
+                                   self.config["split"]["box"], generator)
         return Showers(points=points, ptr=ptr, energy=energy, theta=theta, phi=phi,
                        frame="physics", validate=False)
+
+
+def _asinh_ratio(u: torch.Tensor) -> torch.Tensor:
+    """asinh(u) / u, equal to 1 at u = 0 (series below 1e-4)."""
+    small = u < 1e-4
+    safe = torch.where(small, torch.ones_like(u), u)
+    return torch.where(small, 1.0 - u * u / 6.0, torch.asinh(safe) / safe)
+
+
+def _sinh_ratio(u: torch.Tensor) -> torch.Tensor:
+    """sinh(u) / u, equal to 1 at u = 0; u is capped at 80 (sinh overflows float32 near 89)."""
+    u = u.clamp(max=80.0)
+    small = u < 1e-4
+    safe = torch.where(small, torch.ones_like(u), u)
+    return torch.where(small, 1.0 + u * u / 6.0, torch.sinh(safe) / safe)
+
+
+def split_points(points: torch.Tensor, ptr: torch.Tensor, factor: int, box,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split every physics-frame point into ``factor`` points of equal energy spread uniformly
+    over ``box = (dx, dy, dz)`` (R_M, R_M, X0) centred on it; depths below 0 are reflected.
+
+    A model trained on points merged on a grid produces voxel centroids: their energy-weighted
+    means are right, but the spread within each voxel is gone, and a readout cell finer than the
+    voxel sees too few, too energetic deposits. A uniform spread over the voxel restores the
+    within-voxel variance ``d^2 / 12`` of a flat density and the cell occupancy; each shower's
+    total energy and energy-weighted centroid are unchanged on average, the energy exactly.
+    Returns ``(points [P * factor, F], ptr * factor)``.
+    """
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"split factor must be a positive integer, got {factor!r}")
+    if factor == 1:
+        return points, ptr
+    if box is None or len(box) != 3 or not all(math.isfinite(float(b)) and float(b) >= 0 for b in box):
+        raise ValueError(f"split box must be three non-negative numbers (dx, dy, dz in R_M, R_M, X0), "
+                         f"got {box!r}")
+    out = points.repeat_interleave(factor, 0)
+    size = torch.tensor([float(b) for b in box], dtype=out.dtype, device=out.device)
+    u = torch.rand(out.shape[0], 3, generator=generator, device=out.device, dtype=out.dtype)
+    xyz = out[:, :3] + (u - 0.5) * size
+    xyz[:, 2] = xyz[:, 2].abs()
+    out = torch.cat([xyz, out[:, 3:4] / factor, out[:, 4:]], 1)
+    return out, ptr * factor
 
 
 def _check_physics(showers: Showers) -> None:
