@@ -172,6 +172,14 @@ def test_metrics_sit_at_the_floor_for_the_same_distribution(same_distribution_re
     assert pulls.max() < 3, pulls.max()  # tail-layer occupancies: small floors, ratios ~2 by chance
 
 
+def test_floor_is_taken_at_the_generated_sample_size(reference):
+    # 100 generated showers against 1600: the floor must compare 100 reference showers too,
+    # otherwise identical distributions score ratios ~2 (the floor of bigger samples is lower)
+    small = floors(toy_showers(100, seed=3), reference)
+    w = np.array([v["w1"]["ratio"] for v in small.values()])
+    assert 0.7 < np.median(w) < 1.4, np.median(w)
+
+
 @pytest.mark.parametrize("distortion, checks", [
     # a 2 % scale moves the whole visible-energy peak; on the broad per-point spectrum it only
     # moves the upper edge, which W1 sees and a 40-bin histogram barely does

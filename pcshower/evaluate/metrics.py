@@ -102,17 +102,21 @@ def _summarise(values: list[float], floors: list[float]) -> FloorResult:
 
 
 def split_indices(n_ref: int, n_gen: int, n_boot: int, seed: int):
-    """The bootstrap splits: per replica ``(A, B, G)`` shower indices, A and B disjoint halves of
-    the reference and G a subsample of the generated sample as large as B (all of it if smaller)."""
+    """The bootstrap splits: per replica ``(A, B, G)`` shower indices: A half of the reference,
+    B a disjoint part of the other half and G a subsample of the generated sample, B and G of the
+    same size ``min(n_ref // 2, n_gen)``. W1(G, A) is then compared with W1(B, A) at equal
+    statistics: a floor from a larger B would be too low (by ~1.7x for 1000 generated against a
+    9000-shower reference) and every ratio too high."""
     rng = np.random.default_rng(seed)
     half = n_ref // 2
     if half < 2:
         raise ValueError(f"the reference has {n_ref} showers: need at least 4 to estimate a floor")
+    m = min(half, n_gen)
     out = []
     for _ in range(n_boot):
         perm = rng.permutation(n_ref)
-        a, b = np.sort(perm[:half]), np.sort(perm[half:2 * half])
-        g = np.sort(rng.permutation(n_gen)[:min(half, n_gen)])
+        a, b = np.sort(perm[:half]), np.sort(perm[half:half + m])
+        g = np.sort(rng.permutation(n_gen)[:m])
         out.append((a, b, g))
     return out
 
