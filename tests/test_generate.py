@@ -92,6 +92,23 @@ def test_generate_on_ild_cells(tiny_model):
     assert torch.equal(again.hits.cell_id, hits.cell_id) and torch.equal(again.hits.energy, hits.energy)
 
 
+@pytest.mark.parametrize("geometry, position", [("allegro", None), ("ild", [1804.8, 300.0, 200.0]),
+                                                ("cld", [[2150.0, 0.0, 0.0], [0.0, 0.0, 0.0]])])
+def test_generate_inclined_and_explicit_positions_in_the_detector_frame(tiny_model, geometry, position):
+    s = generate([50, 60], 90, geometry, 2, position=position, model=tiny_model, seed=4)
+    assert s.frame == "detector" and s.geometry == geometry and s.metadata["geometry"] == geometry
+    if position is not None:
+        expected = torch.as_tensor(position, dtype=torch.float64).expand(2, 3).repeat_interleave(2, 0)
+        assert torch.equal(s.position, expected)
+    # the attached hits are the projection of the returned points, and hold all their energy
+    again = pcshower.load_geometry(geometry).project(s)
+    assert torch.equal(again.cell_id, s.hits.cell_id) and torch.equal(again.energy, s.hits.energy)
+    assert s.hits.outside_points.tolist() == [0] * 4 and (s.hits.num_hits > 0).all()
+    points = torch.zeros(4, dtype=torch.float64).index_add_(0, s.batch, s.e.double())
+    hits = torch.zeros(4, dtype=torch.float64).index_add_(0, s.hits.batch, s.hits.energy.double())
+    assert torch.allclose(hits, points, rtol=1e-5)
+
+
 def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
     from pcshower.io import read_calochallenge, read_hits_parquet, read_parquet
 

@@ -18,12 +18,15 @@ fraction of the incident energy) follows DESIGN.md:
 
 Detector-frame showers carry visible energies (MeV) at local positions (x, y transverse about the
 impact point, z depth from the front face, mm); they are translated to the impact point and
-assigned to cells directly.
+assigned to cells directly. :meth:`Geometry.to_detector` turns physics-frame showers into such
+showers with steps 1-4 (the same code as :meth:`Geometry.project`), so that projecting them
+gives the same cells.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -223,6 +226,98 @@ class Geometry:
         if dense and self.num_cells > MAX_DENSE_CELLS:
             raise ValueError(f"{self.name} has {self.num_cells} cells, too many for a dense "
                              f"[showers, cells] tensor; use the sparse CellHits (dense=False)")
+        p = self._place(showers, placement, generator, fluctuate)
+        n = len(showers)
+        outside = (~p.inside).to(torch.float64)  # (same-dtype products: mixed dtypes are slow)
+        ptr = showers.ptr.to(p.energy.device)
+        out_e = _sum_per_shower(p.energy * outside, ptr)
+        out_n = _sum_per_shower(outside, ptr).round().to(torch.int64)
+        kept = torch.nonzero(p.keep).flatten()
+        cell_id, e_cell, hit_ptr = _sum_per_cell(p.batch.index_select(0, kept), p.cell.index_select(0, kept),
+                                                 p.visible.index_select(0, kept), n, self.num_cells)
+        result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=hit_ptr,
+                          num_cells=self.num_cells, geometry=self.name,
+                          outside_energy=out_e.to(torch.float32), outside_points=out_n,
+                          metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
+        return result.to_dense() if dense else result
+
+    def to_detector(self, showers: Showers, placement: Placement | None = None, *,
+                    generator: torch.Generator | None = None, fluctuate: bool = True) -> Showers:
+        """Physics-frame showers as this detector sees them: the visible deposits, in mm and MeV.
+
+        The points are placed exactly as :meth:`project` places them (steps 1-4 of the module
+        docstring, one shared implementation) and only those it would sum into a cell are kept:
+        in an active layer's sampling cell, with visible energy > 0, on a cell of the readout.
+
+        Args:
+            showers: physics-frame showers. Detector-frame showers of this geometry are returned
+                unchanged (without ``placement``); any others raise ``ValueError``.
+            placement: impact points and directions, as for :meth:`project`; the returned
+                showers carry them as their ``position``, ``theta`` and ``phi``.
+            generator: ``torch.Generator`` for the sampling fluctuations.
+            fluctuate: draw sampling fluctuations (else the mean visible energy).
+
+        Returns:
+            Detector-frame :class:`Showers` (``geometry=self.name``, same conditions, metadata
+            plus ``"geometry"``) with float64 points, per shower in the local frame of the face
+            it enters: ``x, y`` the offset from the impact point along ``u, v`` (mm), ``z`` the
+            depth along the face normal ``n`` from the front face (mm), ``e`` the visible energy
+            (MeV); extra point features are carried along. ``project`` of the result gives the
+            same cells and energies as ``project`` of ``showers`` with an identically seeded
+            ``generator``, and the visible energies sum to the hits' total. Not carried over:
+            ``outside_energy`` and ``outside_points`` (the points outside are dropped here).
+
+        A deposit keeps its position, with one exception. Its visible energy belongs to the
+        active layer of its sampling cell (the active slab and the passive slabs in front of
+        it), while a detector-frame point is read out by the readout layer whose depth span holds
+        it; where a cell's passive slabs lie in the previous readout layer's span (CLD: the
+        boards behind each silicon layer; CaloChallenge DS1: the unread cryostat in front of the
+        Tile layer), the deposit is moved along the face normal to the middle of its active
+        slab (for a point handed over to the neighbouring barrel stave: along that stave's
+        normal, then expressed in the frame of the stave the shower entered). The move keeps the
+        cell: the cell grids do not depend on depth, and barrel staves only widen with it. The
+        inclined readout (ALLEGRO) needs no move: each cell of its derived stack lies in one
+        readout layer; its sampling depth is radial, and ``project`` recomputes it from the
+        position, so ``z`` stays the depth along the normal at the impact point. A point handed
+        over to another stave may have ``z`` outside ``[0, thickness)`` of the stave the shower
+        entered. The cells are reproduced up to float64 round-off; a float32 copy of the points
+        may move a point lying within ~1e-5 mm of a cell edge into the neighbouring cell.
+        """
+        if not isinstance(showers, Showers):
+            raise TypeError(f"to_detector() takes a pcshower Showers batch, got {type(showers).__name__}")
+        if showers.frame != PHYSICS_FRAME:
+            if showers.geometry == self.name and placement is None:
+                return showers
+            where = (f"of geometry {showers.geometry!r}" if showers.geometry != self.name
+                     else "already placed (a placement cannot move them)")
+            raise ValueError(f"to_detector() takes physics-frame showers; these are {showers.frame}-"
+                             f"frame showers {where}, not physics-frame ones for {self.name!r}")
+        position, theta, phi = (placement or Placement()).resolve(showers)
+        p = self._place(showers, placement, generator, fluctuate)
+        kept = torch.nonzero(p.keep).flatten()
+        du, dv, w, layer, depth = (t.index_select(0, kept) for t in (p.du, p.dv, p.w, p.layer, p.depth))
+        moved = torch.nonzero(self._layer_of_depth(depth) != layer).flatten()
+        if moved.numel():
+            du, dv, w = du.clone(), dv.clone(), w.clone()
+            du[moved], dv[moved], w[moved] = self._into_active_slab(p, kept.index_select(0, moved))
+        batch = p.batch.index_select(0, kept)
+        n = len(showers)
+        ptr = torch.zeros(n + 1, dtype=torch.int64, device=batch.device)
+        torch.cumsum(torch.bincount(batch, minlength=n), 0, out=ptr[1:])
+        points = torch.stack([du, dv, w, p.visible.index_select(0, kept)], dim=1)
+        if showers.points.shape[1] > 4:
+            points = torch.cat([points, showers.points.index_select(0, kept)[:, 4:].to(points.dtype)], 1)
+        return Showers(points=points, ptr=ptr, energy=showers.energy, theta=theta, phi=phi,
+                       particle=showers.particle, position=position,
+                       feature_names=showers.feature_names, frame=DETECTOR_FRAME, geometry=self.name,
+                       metadata={**showers.metadata, "geometry": self.name})
+
+    def _place(self, showers: Showers, placement: Placement | None,
+               generator: torch.Generator | None, fluctuate: bool) -> "_Placed":
+        """Every point of ``showers`` placed in the readout: local position, sampling depth,
+        layer, visible energy, cell and acceptance (steps 1-4 of the module docstring for
+        physics-frame points). The one implementation behind :meth:`project` and
+        :meth:`to_detector`, so that both see each deposit in the same cell."""
         position, theta, phi = (placement or Placement()).resolve(showers)
         frames = self._frames(position, theta, phi)
         pts = showers.points
@@ -230,6 +325,7 @@ class Geometry:
         n = len(showers)
         counts = showers.num_points
         total = pts.shape[0]
+        physics = showers.frame == PHYSICS_FRAME
         batch = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
         # per-shower numbers expanded to points column by column (1-D repeat_interleave is several
         # times cheaper than gathering rows by the batch index); a number shared by every shower
@@ -243,13 +339,14 @@ class Geometry:
         # per-point columns as rows of one [4, P] float64 block: each column contiguous
         cols = pts[:, :4].T.to(torch.float64)
         x, y, z, energy = cols[0], cols[1], cols[2], cols[3]
-        if showers.frame == PHYSICS_FRAME:
+        if physics:
             rot = rotation_to_local(frames.theta_local, frames.phi_local).reshape(n, 9)
             r = [expand(rot[:, k].contiguous()) for k in range(9)]
             energy = energy * expand(showers.energy.double() * GEV_TO_MEV)
         impact_u = expand(frames.impact_uv[:, 0].contiguous())
         impact_v = expand(frames.impact_uv[:, 1].contiguous())
-        if showers.frame == PHYSICS_FRAME:
+        slab = active = None
+        if physics:
             from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
 
             # the effective-medium scales folded into the rotation: one multiply per term
@@ -266,9 +363,9 @@ class Geometry:
         if self.modules is not None and self._staves:
             module, handed_over = self._hand_over(local, module)
         depth = self._sampling_depth(local, frames, batch)
-        if showers.frame == PHYSICS_FRAME and (handed_over or self.readout.kind == "inclined"):
+        if handed_over or self.readout.kind == "inclined":
             slab = None  # the sampling depth is no longer the depth along the shower's face normal
-        if showers.frame == PHYSICS_FRAME:
+        if physics:
             # depths outside the stack fall in no sampling cell (layer -1)
             active, visible = to_active_layers(depth, energy, batch, self.stack, fluctuate=fluctuate,
                                                generator=generator, slab=slab)
@@ -298,18 +395,33 @@ class Geometry:
         cell = self.readout.cell_index(eff_layer, where, module, per_module=per_module)
         inside = in_depth & ((cell >= 0) | (eff_layer < 0))
         keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
-        outside = (~inside).to(torch.float64)  # (same-dtype products: mixed dtypes are slow)
-        ptr = showers.ptr.to(dev)
-        out_e = _sum_per_shower(energy * outside, ptr)
-        out_n = _sum_per_shower(outside, ptr).round().to(torch.int64)
-        kept = torch.nonzero(keep).flatten()
-        cell_id, e_cell, hit_ptr = _sum_per_cell(batch.index_select(0, kept), cell.index_select(0, kept),
-                                                 visible.index_select(0, kept), n, self.num_cells)
-        result = CellHits(cell_id=cell_id, energy=e_cell.to(torch.float32), ptr=hit_ptr,
-                          num_cells=self.num_cells, geometry=self.name,
-                          outside_energy=out_e.to(torch.float32), outside_points=out_n,
-                          metadata={"frame": showers.frame, "fluctuate": bool(fluctuate)})
-        return result.to_dense() if dense else result
+        return _Placed(batch, frames, du, dv, w, local, module, depth, energy, active, layer,
+                       visible, cell, inside, keep)
+
+    def _into_active_slab(self, p: "_Placed", idx: torch.Tensor):
+        """``(du, dv, w)`` of the points ``idx`` moved along their sampling depth to the middle
+        of the active slab that saw them (see :meth:`to_detector`), in their shower's frame.
+        Planar and cylindrical readouts only: every cell of the inclined readout's derived stack
+        (plates, then the liquid gap) lies within one readout layer, so none of its points moves."""
+        from pcshower.physics.sampling import sampling_layers
+
+        f, b = p.frames, p.batch.index_select(0, idx)
+        dev = p.depth.device
+        target = torch.as_tensor(sampling_layers(self.stack).active_center_mm, dtype=torch.float64,
+                                 device=dev).index_select(0, p.active.index_select(0, idx))
+        local = p.local[idx].clone()
+        local[:, 2] = target
+        module = p.module.expand(p.depth.shape[0]).index_select(0, idx)
+        other = torch.nonzero(module != f.module[b]).flatten()
+        if other.numel():  # handed over: moved along the reading stave's normal, then expressed
+            # in the frame of the stave the shower entered
+            mods, k, bo = self.modules, module[other], b[other]
+            o, u, v, nrm = (t.to(dev)[k] for t in (mods.origin, mods.u, mods.v, mods.n))
+            lo = local[other]
+            rel = o + lo[:, 0:1] * u + lo[:, 1:2] * v + lo[:, 2:3] * nrm - f.origin[bo]
+            local[other] = torch.stack([(rel * f.u[bo]).sum(1), (rel * f.v[bo]).sum(1),
+                                        (rel * f.n[bo]).sum(1)], 1)
+        return local[:, 0] - f.impact_uv[b, 0], local[:, 1] - f.impact_uv[b, 1], local[:, 2]
 
     def _hand_over(self, local: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
         """Move points that left their barrel stave sideways into the stave whose azimuthal
@@ -350,6 +462,27 @@ class Geometry:
         kk = k.clamp(0, span.shape[0] - 1)
         ok = (k >= 0) & (depth < span[kk, 1])
         return torch.where(ok, kk, torch.full_like(kk, -1))
+
+
+class _Placed(NamedTuple):
+    """Per-point result of :meth:`Geometry._place` (``[P]`` tensors unless said otherwise;
+    ``module`` may be a scalar shared by all points)."""
+
+    batch: torch.Tensor
+    frames: ShowerFrames  # per shower
+    du: torch.Tensor  # offset from the impact point along u (mm), in the shower's own frame
+    dv: torch.Tensor  # ... along v
+    w: torch.Tensor  # depth along the shower's face normal (mm)
+    local: torch.Tensor  # [P, 3] position in the frame of the module reading it (after hand-over)
+    module: torch.Tensor
+    depth: torch.Tensor  # sampling depth (mm): local depth, or radial for the inclined readout
+    energy: torch.Tensor  # deposited energy (MeV)
+    active: torch.Tensor | None  # active layer of the sampling cell (physics frame), -1 for none
+    layer: torch.Tensor  # readout layer, -1 for none
+    visible: torch.Tensor  # visible energy (MeV)
+    cell: torch.Tensor  # flat cell id, -1 for none
+    inside: torch.Tensor  # within the readout's acceptance
+    keep: torch.Tensor  # summed into a cell
 
 
 def _build_stack(groups, name: str):

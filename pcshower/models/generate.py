@@ -108,14 +108,13 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     Returns:
         ``Showers`` with the readout's cell hits attached as the attribute ``showers.hits``
         (:class:`~pcshower.data.CellHits`, visible MeV per cell; ``None`` without a geometry).
-        With a planar or CaloChallenge geometry and the default impact points the points are in
-        the detector frame: offset from the impact point in the face plane and depth along the
-        face normal (mm), visible energy (MeV) in active layers, sampling fluctuations included;
-        the hits are exactly those points summed per cell. With explicit ``position`` or an
-        inclined readout (ALLEGRO) the points stay in the physics frame and the hits come from
-        ``geometry.project``. Without a geometry: physics frame. ``showers.metadata`` records
-        model, seed, steps and sampler. The ``hits`` attribute is not carried by indexing or
-        ``Showers.concat``.
+        With a geometry the points are in the detector frame (``geometry.to_detector``, at the
+        given ``position`` or the default impact points, for every readout kind): offset from
+        the impact point in the face plane and depth along the face normal (mm), visible energy
+        (MeV), only the deposits the readout sees, sampling fluctuations included; the hits are
+        exactly those points summed per cell (``geometry.project(showers)``). Without a
+        geometry: physics frame. ``showers.metadata`` records model, seed, steps and sampler.
+        The ``hits`` attribute is not carried by indexing or ``Showers.concat``.
     """
     from tqdm.auto import tqdm
 
@@ -186,52 +185,16 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     showers.hits = None
     if geometry is None:
         return showers
-    return _project(showers, geometry, gen, pos is not None)
+    return _project(showers, geometry, gen)
 
 
-def _project(showers: Showers, geometry, generator: torch.Generator, has_position: bool) -> Showers:
+def _project(showers: Showers, geometry, generator: torch.Generator) -> Showers:
     """Place physics-frame showers in a geometry: detector-frame points (the visible part, with
     sampling fluctuations) plus their cell hits, consistent with each other."""
     from pcshower.geometry import load_geometry
 
     geom = load_geometry(geometry)
-    if geom.readout.kind == "inclined" or has_position:
-        # no public detector-frame conversion for these cases: hits from the adapter, points stay
-        # in the physics frame (documented in generate's docstring)
-        showers.hits = geom.project(showers, generator=generator)
-        showers.metadata["geometry"] = geom.name
-        return showers
-    detector = _to_detector(geom, showers, generator)
+    # float32 points like the model's; the hits are projected from exactly these points
+    detector = geom.to_detector(showers, generator=generator).to(dtype=showers.points.dtype)
     detector.hits = geom.project(detector)
     return detector
-
-
-def _to_detector(geom, showers: Showers, generator: torch.Generator) -> Showers:
-    """Detector-frame showers of a planar or cylindrical-bin geometry, built from the adapter's
-    public pieces exactly as ``Geometry.project`` places physics-frame points: scale by the
-    equivalent medium's R_M and X0, rotate to the local incident direction at the default impact
-    point, map depth in X0 to mm through the slabs, and keep the visible energy of each deposit in
-    its active layer (with sampling fluctuations). Per point: offset from the impact point in the
-    face plane (mm), depth along the face normal (mm), visible energy (MeV)."""
-    from pcshower.geometry.frames import rotation_to_local
-    from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
-
-    batch = showers.batch
-    theta_l, phi_l = geom.local_direction(showers.theta, showers.phi)
-    missed = torch.isnan(theta_l)
-    rot = rotation_to_local(torch.nan_to_num(theta_l), torch.nan_to_num(phi_l))[batch]
-    p = showers.points.double()
-    xyz = torch.stack([p[:, 0] * geom.rm_eff_mm, p[:, 1] * geom.rm_eff_mm, p[:, 2] * geom.x0_eff_mm], 1)
-    local = torch.einsum("pij,pj->pi", rot, xyz)
-    depth = depth_x0_to_mm(local[:, 2] / geom.x0_eff_mm, geom.stack)
-    in_stack = (depth >= 0) & (depth < geom.stack.total_thickness_mm) & ~missed[batch]
-    energy = p[:, 3] * (showers.energy.double() * 1000.0)[batch]
-    active, visible = to_active_layers(torch.where(in_stack, depth, torch.full_like(depth, -1.0)),
-                                       energy, batch, geom.stack, fluctuate=True, generator=generator)
-    keep = (active >= 0) & (visible > 0) & in_stack
-    pts = torch.stack([local[keep, 0], local[keep, 1], depth[keep], visible[keep]], 1).float()
-    counts = torch.bincount(batch[keep], minlength=len(showers))
-    ptr = torch.zeros(len(showers) + 1, dtype=torch.int64, device=pts.device)
-    torch.cumsum(counts, 0, out=ptr[1:])
-    return Showers(points=pts, ptr=ptr, **showers.conditions(), frame="detector",
-                   geometry=geom.name, metadata={**showers.metadata, "geometry": geom.name})
