@@ -97,3 +97,13 @@ def test_split_restores_the_spread_lost_on_the_grid():
     for axis in range(3):
         assert true[axis] - lost[axis] > 0.006 * true[axis]            # the grid removed spread
         assert abs(back[axis] - true[axis]) < 0.4 * (true[axis] - lost[axis])
+
+
+def test_split_sub_points_take_one_stratum_each_along_every_axis():
+    p = torch.tensor([[0.0, 0.0, 5.0, 1.0], [1.0, -1.0, 9.0, 2.0]])
+    out, _ = split_points(p, torch.tensor([0, 2]), 4, (1.0, 2.0, 0.5), torch.Generator().manual_seed(2))
+    off = (out[:, :3] - p[:, :3].repeat_interleave(4, 0)) / torch.tensor([1.0, 2.0, 0.5]) + 0.5
+    strata = torch.floor(off * 4).long().view(2, 4, 3)
+    for parent in range(2):
+        for axis in range(3):
+            assert sorted(strata[parent, :, axis].tolist()) == [0, 1, 2, 3]
