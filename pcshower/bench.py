@@ -2,7 +2,8 @@
 reference simulator on the same machine, written as JSON, a Markdown table and a scaling plot.
 
 Stages: ``shape`` (ShowerFlow samples the global shape), ``points`` (the diffusion sampler
-with N steps), ``calibration`` (points rescaled to the sampled shape), ``projection`` (placement
+with N steps), ``calibration`` (points rescaled to the sampled shape, then the model's sub-voxel
+split), ``projection`` (placement
 and cells of the geometry). Each configuration is warmed up once and timed ``repeats`` times;
 the median is reported. On CUDA every timing is bracketed by ``torch.cuda.synchronize()``.
 The shape, calibration and projection stages are timed on their own; the points stage is the
@@ -69,7 +70,6 @@ def _autocast(device: torch.device, dtype: str):
 
 def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: int,
                device: torch.device, repeats: int, dtype: str) -> dict:
-    from pcshower.models.calibration import calibrate_points
     from pcshower.models.generate import generate
 
     e = torch.full((batch,), energy, dtype=torch.float64)
@@ -90,9 +90,10 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     uncalibrated, shape_sample = raw(), shape()
-    calibrate = lambda: calibrate_points(uncalibrated.points, uncalibrated.ptr, shape_sample,  # noqa: E731
-                                         model.codec.z_edges)
-    showers = uncalibrated.with_points(calibrate(), validate=False)
+    calibrate = lambda: model.postprocess(uncalibrated.points, uncalibrated.ptr, shape_sample,  # noqa: E731
+                                          torch.Generator(device=device).manual_seed(3))
+    points, ptr = calibrate()
+    showers = uncalibrated._replace(points=points, ptr=ptr)
     t_shape = time_call(shape, device, repeats)
     t_raw = time_call(raw, device, repeats)
     t_cal = time_call(calibrate, device, repeats)

@@ -18,7 +18,7 @@ def tiny_model():
     model = ShowerModel({"slices": {"num": 10, "z_max_x0": 30.0},
                          "flow": {"transforms": 1, "hidden": [16, 16], "bins": 4},
                          "epic": {"point_dim": 8, "global_dim": 4, "hidden": 16, "layers": 1},
-                         "max_points": 300})
+                         "max_points": 300, "split": {"factor": 2, "box": [0.25, 0.25, 1.0]}})
     model.fit_normalization(simulate(40, torch.linspace(10, 90, 40), torch.linspace(0.5, 1.5708, 40),
                                      stack="ild", frame="physics", seed=1, grid="coarse"))
     return model.eval()
@@ -41,6 +41,7 @@ def test_sweep_times_every_stage(tiny_model, tmp_path):
         assert stages == pytest.approx(row["total_ms"], rel=1e-6)
         assert row["end_to_end_ms"] > 0
         assert row["points_per_shower"] > 0 and row["threads"] == 1
+        assert round(row["points_per_shower"] * row["batch"]) % 2 == 0  # the model splits x2
     assert [r["energy_gev"] for r in result["reference"]] == [20.0]
     assert result["reference"][0]["ms_per_shower"] > 0
     table = markdown_table(result)

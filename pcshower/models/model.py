@@ -189,6 +189,15 @@ class ShowerModel(nn.Module):
         return (w * ((d - x) ** 2).mean(1)).mean()
 
     # ------------------------------------------------------------------ sampling
+    def postprocess(self, points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw sampled points → final physics-frame points: calibration to the sampled shape,
+        then the configured sub-voxel split. Returns ``(points, ptr)``."""
+        points = calibrate_points(points, ptr, shape, self.codec.z_edges)
+        return split_points(points, ptr, int(self.config["split"]["factor"]),
+                            self.config["split"]["box"], generator)
+
+
     @torch.no_grad()
     def sample_shape(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ShowerShape:
         y = self.flow.sample(cond, generator) * self.norm.shape_std + self.norm.shape_mean
@@ -199,6 +208,9 @@ class ShowerModel(nn.Module):
                generator: torch.Generator | None = None, calibrate: bool = True,
                cond_phi=None) -> Showers:
         """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad.
+
+        ``calibrate=False`` returns the network's raw points (no calibration to the sampled
+        shape, no sub-voxel split: see :meth:`postprocess`).
 
         ``cond_phi`` (rad), when given, replaces ``phi`` in the network's conditioning only (for
         models trained at one azimuth); the showers still carry ``phi``."""
@@ -229,9 +241,7 @@ class ShowerModel(nn.Module):
 
         points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
         if calibrate:
-            points = calibrate_points(points, ptr, shape, self.codec.z_edges)
-        points, ptr = split_points(points, ptr, int(self.config["split"]["factor"]),
-                                   self.config["split"]["box"], generator)
+            points, ptr = self.postprocess(points, ptr, shape, generator)
         return Showers(points=points, ptr=ptr, energy=energy, theta=theta, phi=phi,
                        frame="physics", validate=False)
 
