@@ -61,6 +61,8 @@ def test_split_conserves_energy_and_multiplies_counts():
     again, _ = split_points(p, ptr, 8, (0.5, 0.5, 1.0), torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
     assert split_points(p, ptr, 1, None)[0] is p
+    _, float_factor_ptr = split_points(p, ptr, 2.0, (0.5, 0.5, 1.0), g)  # e.g. "factor: 2.0" in YAML
+    assert float_factor_ptr.dtype == torch.int64 and float_factor_ptr.tolist() == [0, 200, 200, 1200]
 
 
 @pytest.mark.parametrize("factor, box", [(0, (1, 1, 1)), (2.5, (1, 1, 1)), (4, None), (4, (1, 1)),

@@ -197,7 +197,6 @@ class ShowerModel(nn.Module):
         return split_points(points, ptr, int(self.config["split"]["factor"]),
                             self.config["split"]["box"], generator)
 
-
     @torch.no_grad()
     def sample_shape(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ShowerShape:
         y = self.flow.sample(cond, generator) * self.norm.shape_std + self.norm.shape_mean
@@ -293,8 +292,8 @@ def split_points(points: torch.Tensor, ptr: torch.Tensor, factor: int, box,
     strata = torch.rand(n, k, 3, generator=generator, device=out.device).argsort(dim=1)
     xyz = out[:, :3] + ((strata.to(out.dtype) + u) / k - 0.5).reshape(n * k, 3) * size
     xyz[:, 2] = xyz[:, 2].abs()
-    out = torch.cat([xyz, out[:, 3:4] / factor, out[:, 4:]], 1)
-    return out, ptr * factor
+    out = torch.cat([xyz, out[:, 3:4] / k, out[:, 4:]], 1)
+    return out, ptr * k
 
 
 def _check_physics(showers: Showers) -> None:
