@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from pcshower.data import Showers
-from pcshower.evaluate import compare_samples, sample_from_showers, write_report
+from pcshower.evaluate import evaluate
 from pcshower.geometry import load_geometry
 from pcshower.io import read_parquet, write_parquet
 from pcshower.models.checkpoint import load_model
@@ -78,15 +78,9 @@ def make_data(out: str, n: int, seed: int, grids: list[tuple]) -> Showers:
 
 
 def _compare(generated: Showers, reference: Showers, out: str, name: str, extra: dict) -> dict:
-    geo = load_geometry("ild")
     t0 = time.time()
-    ref = sample_from_showers(reference, name="GFlash reference", geometry=geo, seed=1, progress=True)
-    gen = sample_from_showers(generated, name=name, geometry=geo,
-                              threshold_mev=ref.settings["threshold_mev"],
-                              layer_edges=ref.settings.get("layer_edges"),
-                              radial_edges=ref.settings.get("radial_edges"), seed=2, progress=False)
-    res = compare_samples(gen, ref, seed=0, network=False)
-    write_report(res, gen, ref, out)
+    res = evaluate(generated, reference, geometry=load_geometry("ild"), out_dir=out,
+                   names=(name, "GFlash reference"), network=False)
     res.update(extra, n_generated=len(generated), n_reference=len(reference),
                evaluation_seconds=round(time.time() - t0, 1))
     Path(out, "result.json").write_text(json.dumps(res, indent=1, default=str))
