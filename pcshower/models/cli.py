@@ -1,4 +1,4 @@
-"""The ``pcshower train`` and ``pcshower generate`` subcommands."""
+"""The ``pcshower train``, ``pcshower fit-split`` and ``pcshower generate`` subcommands."""
 
 from __future__ import annotations
 
@@ -33,6 +33,23 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
+    f = subparsers.add_parser(
+        "fit-split", help="measure a model's per-point sub-voxel split boxes on finer showers",
+        description="Measure, on physics-frame showers finer than the model's training grid "
+                    "(split.box), how far each voxel's energy is spread about its centroid, per "
+                    "bin of radius and depth, and write a copy of the checkpoint that splits every "
+                    "generated point over the measured box (weights unchanged). See "
+                    "docs/models.md.")
+    f.add_argument("model", help="checkpoint to start from")
+    f.add_argument("--data", required=True, help="Parquet showers finer than the training grid")
+    f.add_argument("--out", required=True, help="checkpoint to write (atomic)")
+    f.add_argument("--factor", type=int, default=None,
+                   help="sub-points per generated point (default: the model's split.factor)")
+    f.add_argument("--max-showers", type=int, default=2000,
+                   help="showers to measure on (default 2000)")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_fit_split)
+
     g = subparsers.add_parser(
         "generate", help="generate showers with the shipped (or a given) model",
         description="Generate showers and write them as Parquet (points in the detector frame, "
@@ -66,6 +83,62 @@ def _train(args) -> int:
                     progress=not args.no_progress, init_from=args.init_from)
     print(f"trained {metrics['steps']} steps in {metrics['train_time_s']} s; "
           f"model written to {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
+              max_showers: int = 2000, progress: bool = True) -> dict:
+    """Copy of checkpoint ``model`` with its split spread table measured on ``data`` (Parquet,
+    physics frame, finer than the training grid), written to ``out``. Returns the measurement
+    info (also stored in the checkpoint's provenance under ``split_spread``)."""
+    import copy
+
+    from pcshower.io import iter_parquet
+    from pcshower.models.checkpoint import model_payload, read_checkpoint, save_checkpoint
+    from pcshower.models.model import ShowerModel
+
+    if max_showers < 1:
+        raise ValueError(f"--max-showers must be >= 1, got {max_showers}")
+    body = read_checkpoint(model)
+    config = copy.deepcopy(body["config"])
+    split = config.setdefault("split", {})
+    if split.get("box") is None:
+        raise ValueError(f"checkpoint {model} has no training grid (split.box) in its config: the "
+                         f"spread is measured per voxel of that grid; set it in the training YAML")
+    split["spread"] = True
+    if factor is not None:
+        split["factor"] = int(factor)
+    if int(split.get("factor", 1)) < 2:
+        raise ValueError("the split factor is 1: give --factor (e.g. 16) so points are split")
+    fitted = ShowerModel(config)
+    state = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
+    state.update({k: v for k, v in fitted.state_dict().items() if k.startswith("split_spread")})
+    fitted.load_state_dict(state)
+    info = fitted.fit_split_spread(_first(iter_parquet(data, batch_size=250), max_showers),
+                                   progress=progress)
+    provenance = dict(body.get("provenance") or {})
+    provenance["split_spread"] = {"data": str(data), "factor": int(split["factor"]),
+                                  **{k: info[k] for k in ("showers", "voxels", "points", "grid")}}
+    save_checkpoint(out, model_payload(fitted, metrics=body.get("metrics"), provenance=provenance))
+    return info
+
+
+def _first(batches, n: int):
+    """The first ``n`` showers of a stream of batches."""
+    for b in batches:
+        if n <= 0:
+            return
+        if len(b) > n:
+            b = b[:n]
+        n -= len(b)
+        yield b
+
+
+def _fit_split(args) -> int:
+    info = fit_split(args.model, args.data, args.out, factor=args.factor,
+                     max_showers=args.max_showers, progress=not args.no_progress)
+    print(f"measured the voxel spread on {info['showers']} showers ({info['voxels']} voxels of "
+          f"{info['grid']}); wrote {args.out}")
     return 0
 
 

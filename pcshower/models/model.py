@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from pcshower.models.calibration import calibrate_points
 from pcshower.models.edm import EDM
 from pcshower.models.samplers import SAMPLERS, karras_sigmas
 from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape
+from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, measure_voxel_spread,
+                                   split_points, spread_boxes)
 from pcshower.nn.epic import EPiCNetwork
 
 __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"]
@@ -40,9 +43,11 @@ DEFAULT_MODEL_CONFIG = {
     # alike), s in R_M; expands the dense core and compresses the sparse tail. None: no warp.
     "radial_scale": None,
     # generation-time split of every point into `factor` sub-points of equal energy, spread
-    # uniformly over a box of `box` = [dx, dy, dz] (R_M, R_M, X0) about it: undoes the loss of
-    # within-voxel spread of training data merged on that grid (see docs/models.md).
-    "split": {"factor": 1, "box": None},
+    # uniformly over a box about it: undoes the loss of within-voxel spread of training data
+    # merged on the grid `box` = [dx, dy, dz] (R_M, R_M, X0). spread: false uses that box for
+    # every point; true looks the box up per point in a table measured on finer data
+    # (ShowerModel.fit_split_spread, `pcshower fit-split`; pcshower/models/split.py).
+    "split": {"factor": 1, "box": None, "spread": False},
 }
 
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
@@ -99,6 +104,17 @@ class ShowerModel(nn.Module):
         self.points_net = EPiCNetwork(4, 4, COND_DIM + 2, point_dim=int(ec["point_dim"]),
                                       global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
                                       layers=int(ec["layers"]), sum_scale=float(ec["sum_scale"]))
+        sc = cfg["split"]
+        if sc["spread"]:
+            if sc["box"] is None or int(sc["factor"]) < 2:
+                raise ValueError("split.spread needs the training grid in split.box and a split "
+                                 "factor of at least 2")
+            dx, _, dz = (float(v) for v in sc["box"])
+            table = torch.empty(len(SPREAD_R_EDGES) - 1, len(SPREAD_Z_EDGES) - 1, 2)
+            table[..., 0], table[..., 1] = dx, dz  # the uniform voxel box until measured
+            self.register_buffer("split_spread", table)
+            # showers the table was measured on (0: not measured, the uniform box is used)
+            self.register_buffer("split_spread_showers", torch.tensor(0, dtype=torch.int64))
 
     # ------------------------------------------------------------------ normalisation
     @torch.no_grad()
@@ -194,8 +210,28 @@ class ShowerModel(nn.Module):
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
         then the configured sub-voxel split. Returns ``(points, ptr)``."""
         points = calibrate_points(points, ptr, shape, self.codec.z_edges)
-        return split_points(points, ptr, int(self.config["split"]["factor"]),
-                            self.config["split"]["box"], generator)
+        sc = self.config["split"]
+        box = sc["box"]
+        if sc["spread"]:
+            if int(self.split_spread_showers) == 0:
+                warnings.warn("this model's split spread table was never measured: every point is "
+                              "spread over the uniform training voxel (run `pcshower fit-split`)",
+                              stacklevel=3)
+            box = spread_boxes(points, self.split_spread)
+        return split_points(points, ptr, int(sc["factor"]), box, generator)
+
+    @torch.no_grad()
+    def fit_split_spread(self, showers, *, progress: bool = True) -> dict:
+        """Measure the per-point split box table on physics-frame showers finer than the
+        training grid (a :class:`Showers` batch or an iterable of batches); see
+        :func:`pcshower.models.split.measure_voxel_spread`. Returns its ``info`` dict."""
+        if not self.config["split"]["spread"]:
+            raise ValueError("this model's config has split.spread: false; set it (with a split "
+                             "factor and box) to use a measured spread table")
+        table, info = measure_voxel_spread(showers, self.config["split"]["box"], progress=progress)
+        self.split_spread.copy_(table)
+        self.split_spread_showers.fill_(int(info["showers"]))
+        return info
 
     @torch.no_grad()
     def sample_shape(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ShowerShape:
@@ -258,42 +294,6 @@ def _sinh_ratio(u: torch.Tensor) -> torch.Tensor:
     small = u < 1e-4
     safe = torch.where(small, torch.ones_like(u), u)
     return torch.where(small, 1.0 + u * u / 6.0, torch.sinh(safe) / safe)
-
-
-def split_points(points: torch.Tensor, ptr: torch.Tensor, factor: int, box,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split every physics-frame point into ``factor`` points of equal energy spread uniformly
-    (Latin-hypercube stratified) over ``box = (dx, dy, dz)`` (R_M, R_M, X0) centred on it;
-    depths below 0 are reflected.
-
-    A model trained on points merged on a grid produces voxel centroids: their energy-weighted
-    means are right, but the spread within each voxel is gone, and a readout cell finer than the
-    voxel sees too few, too energetic deposits. A uniform spread over the voxel restores the
-    within-voxel variance ``d^2 / 12`` of a flat density and the cell occupancy; each shower's
-    total energy and energy-weighted centroid are unchanged on average, the energy exactly.
-    Returns ``(points [P * factor, F], ptr * factor)``.
-    """
-    if factor < 1 or int(factor) != factor:
-        raise ValueError(f"split factor must be a positive integer, got {factor!r}")
-    if factor == 1:
-        return points, ptr
-    if box is None or len(box) != 3 or not all(math.isfinite(float(b)) and float(b) >= 0 for b in box):
-        raise ValueError(f"split box must be three non-negative numbers (dx, dy, dz in R_M, R_M, X0), "
-                         f"got {box!r}")
-    n, k = points.shape[0], int(factor)
-    out = points.repeat_interleave(k, 0)
-    size = torch.tensor([float(b) for b in box], dtype=out.dtype, device=out.device)
-    # Latin-hypercube offsets: along each axis the k sub-points of a parent take one of k equal
-    # strata each (random order, uniform within the stratum). Same uniform marginal as i.i.d.
-    # draws, but no clumping: with i.i.d. draws three of four sub-points of a core point often
-    # share one 0.63 X0 ILD layer, and the cell-energy spectrum grows a tail (measured, W1 to
-    # the reference 0.28 -> 0.19 MeV for the 0.25 R_M x 0.25 R_M x 1 X0 grid, docs/models.md).
-    u = torch.rand(n, k, 3, generator=generator, device=out.device, dtype=out.dtype)
-    strata = torch.rand(n, k, 3, generator=generator, device=out.device).argsort(dim=1)
-    xyz = out[:, :3] + ((strata.to(out.dtype) + u) / k - 0.5).reshape(n * k, 3) * size
-    xyz[:, 2] = xyz[:, 2].abs()
-    out = torch.cat([xyz, out[:, 3:4] / k, out[:, 4:]], 1)
-    return out, ptr * k
 
 
 def _check_physics(showers: Showers) -> None:

@@ -1,0 +1,130 @@
+"""The measured sub-voxel split: a known within-voxel spread is measured back, a lone deposit far
+from the axis is not smeared, and the model and `pcshower fit-split` use the table."""
+
+import math
+
+import pytest
+import torch
+
+from pcshower.data import Showers
+from pcshower.io import write_parquet
+from pcshower.models.checkpoint import load_model, model_payload, save_checkpoint
+from pcshower.models.cli import fit_split
+from pcshower.models.model import ShowerModel
+from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, measure_voxel_spread,
+                                   split_points, spread_boxes)
+from pcshower.simulate.reduce import reduce_points
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = (0.25, 0.25, 1.0)
+SMALL = {"slices": {"num": 5, "z_max_x0": 10.0}, "flow": {"transforms": 1, "hidden": [8]},
+         "epic": {"point_dim": 8, "global_dim": 4, "hidden": 8, "layers": 1},
+         "split": {"factor": 8, "box": list(GRID), "spread": True}}
+
+
+def fine_showers(n=3, seed=0):
+    """Every voxel of GRID within 1 R_M of the axis (voxel-centre depths 1-10 X0) holds two deposits of equal
+    energy at x +- 0.05 R_M, z +- 0.2 X0 about its centre: transverse variance (0.05^2 + 0) / 2
+    (x and y pooled), depth variance 0.2^2. At 3 R_M single deposits (no spread)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(-4, 5, dtype=torch.float32)
+    cx, cy = torch.meshgrid(i * 0.25, i * 0.25, indexing="ij")
+    near = torch.hypot(cx, cy).flatten() <= 1.0
+    cx, cy = cx.flatten()[near], cy.flatten()[near]
+    rows, counts = [], []
+    for _ in range(n):
+        pts = []
+        for z in torch.arange(1.0, 11.0):
+            for sx, sz in ((-0.05, -0.2), (0.05, 0.2)):
+                pts.append(torch.stack([cx + sx, cy, torch.full_like(cx, z + sz),
+                                        torch.full_like(cx, 1e-3)], 1))
+        a = (torch.arange(50) + torch.rand(1, generator=g)) * 2 * math.pi / 50
+        r = torch.full((50,), 3.0)  # 0.38 R_M apart: one deposit per voxel
+        pts.append(torch.stack([r * a.cos(), r * a.sin(), 1 + 8 * torch.rand(50, generator=g),
+                                torch.full((50,), 1e-4)], 1))
+        p = torch.cat(pts)
+        rows.append(p)
+        counts.append(len(p))
+    return Showers.from_counts(torch.cat(rows), torch.tensor(counts), torch.full((n,), 50.0),
+                               theta=torch.full((n,), 1.2), frame="physics")
+
+
+def test_a_known_within_voxel_spread_is_measured_back():
+    table, info = measure_voxel_spread(fine_showers(), GRID, progress=False)
+    assert table.shape == (len(SPREAD_R_EDGES) - 1, len(SPREAD_Z_EDGES) - 1, 2)
+    assert info["showers"] == 3
+    r_bin = {r: max(k for k, e in enumerate(SPREAD_R_EDGES) if e <= r) for r in (0.0, 0.6, 3.0)}
+    z_bin = 2  # 4-6 X0
+    for r in (0.0, 0.6):  # full voxels: sqrt(12 var)
+        assert table[r_bin[r], z_bin, 0] == pytest.approx(math.sqrt(12 * 0.05 ** 2 / 2), rel=1e-3)
+        assert table[r_bin[r], z_bin, 1] == pytest.approx(math.sqrt(12 * 0.2 ** 2), rel=1e-3)
+    assert table[r_bin[3.0], z_bin].abs().max() < 1e-6  # lone deposits: no spread
+    assert bool(torch.isfinite(table).all())  # empty bins were filled from their neighbours
+
+
+def test_split_over_the_measured_boxes_leaves_lone_tail_deposits_in_place():
+    fine = fine_showers(2)
+    table, _ = measure_voxel_spread(fine, GRID, progress=False)
+    merged = reduce_points(fine, GRID)
+    boxes = spread_boxes(merged.points, table)
+    out, ptr = split_points(merged.points, merged.ptr, 8, boxes, torch.Generator().manual_seed(0))
+    parent = merged.points.repeat_interleave(8, 0)
+    far = torch.hypot(parent[:, 0], parent[:, 1]) > 2.0
+    assert bool(far.any()) and torch.allclose(out[far, :3], parent[far, :3], atol=1e-5)
+    near = ~far
+    assert float((out[near, 0] - parent[near, 0]).abs().max()) > 0.03  # the core is spread
+    assert float((out[near, 0] - parent[near, 0]).abs().max()) <= 0.5 * 0.1225 + 1e-5
+    e_in = torch.zeros(2, dtype=torch.float64).index_add_(0, merged.batch, merged.points[:, 3].double())
+    e_out = torch.zeros(2, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(2), ptr.diff()), out[:, 3].double())
+    assert torch.allclose(e_in, e_out, rtol=1e-6)
+
+
+def test_per_point_boxes_are_checked():
+    p = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"\[3, 3\]"):
+        split_points(p, torch.tensor([0, 3]), 2, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        split_points(p, torch.tensor([0, 3]), 2, -torch.ones(3, 3))
+    with pytest.raises(ValueError, match="physics frame"):
+        measure_voxel_spread(fine_showers(1)._replace(frame="detector"), GRID, progress=False)
+    with pytest.raises(ValueError, match="grid"):
+        measure_voxel_spread(fine_showers(1), (0.25, 0.0, 1.0), progress=False)
+
+
+def test_model_uses_the_measured_table_and_warns_until_it_is_measured():
+    model = ShowerModel(SMALL)
+    assert model.split_spread[..., 0].unique().tolist() == [0.25]  # uniform voxel until measured
+    with pytest.warns(UserWarning, match="fit-split"):
+        model.sample(torch.tensor([50.0]), torch.tensor([1.2]), torch.tensor([0.0]), steps=1,
+                     generator=torch.Generator().manual_seed(0))
+    info = model.fit_split_spread(fine_showers(), progress=False)
+    assert int(model.split_spread_showers) == 3 == info["showers"]
+    assert model.split_spread[0, 2, 0] == pytest.approx(0.1225, rel=1e-3)
+    with pytest.raises(ValueError, match="split.spread needs"):
+        ShowerModel({**SMALL, "split": {"factor": 8, "box": None, "spread": True}})
+    with pytest.raises(ValueError, match="split.spread: false"):
+        ShowerModel({k: v for k, v in SMALL.items() if k != "split"}).fit_split_spread(fine_showers())
+
+
+def test_fit_split_writes_a_checkpoint_with_the_table_and_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    old = ShowerModel({**SMALL, "split": {"factor": 4, "box": list(GRID)}})
+    save_checkpoint(tmp_path / "m.pt", model_payload(old, provenance={"data_path": "x"}))
+    write_parquet(tmp_path / "fine.parquet", fine_showers(5))
+    info = fit_split(str(tmp_path / "m.pt"), str(tmp_path / "fine.parquet"), str(tmp_path / "s.pt"),
+                     factor=16, max_showers=4, progress=False)
+    assert info["showers"] == 4
+    new = load_model(tmp_path / "s.pt")
+    assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True}
+    assert int(new.split_spread_showers) == 4
+    assert new.checkpoint_info["provenance"]["data_path"] == "x"
+    assert new.checkpoint_info["provenance"]["split_spread"]["showers"] == 4
+    for k, v in old.state_dict().items():
+        assert torch.equal(v, new.state_dict()[k]), k
+    save_checkpoint(tmp_path / "nobox.pt", model_payload(ShowerModel(
+        {k: v for k, v in SMALL.items() if k != "split"})))
+    with pytest.raises(ValueError, match="split.box"):
+        fit_split(str(tmp_path / "nobox.pt"), str(tmp_path / "fine.parquet"), str(tmp_path / "x.pt"),
+                  progress=False)
