@@ -282,3 +282,29 @@ def test_samples_with_different_bins_are_refused():
                             radial_edges=[0, 1, 2])
     with pytest.raises(ValueError, match="different radial_edges"):
         compare_samples(a, b, classifier=False, network=False, distances=False)
+
+
+def test_model_point_counts_are_reported_but_not_compared_at_cell_level():
+    # the same showers with every point cut in two (same cells, twice the points): the number of
+    # points and the point-energy spectrum differ hugely, but nothing a detector sees does, so
+    # the classifier must sit at its floor and the summary must leave them out
+    from pcshower.geometry import load_geometry
+
+    geo = load_geometry("calochallenge_ds1_photons")
+    ref = sample_from_showers(toy_showers(600, seed=11), name="ref", geometry=geo, progress=False)
+    sh = toy_showers(300, seed=12)
+    pts = sh.points.repeat_interleave(2, 0)
+    pts[:, 3] /= 2
+    halves = sh._replace(points=pts, ptr=sh.ptr * 2)
+    gen = sample_from_showers(halves, name="gen", geometry=geo, progress=False,
+                              threshold_mev=ref.settings["threshold_mev"],
+                              radial_edges=ref.settings["radial_edges"])
+    res = compare_samples(gen, ref, network=False, n_boot=3)
+    assert res["observables"]["num_points"]["w1"]["ratio"] > 10
+    assert res["summary"]["diagnostics"] == ["num_points", "point_energy"]
+    assert not set(res["summary"]["worst_w1"]) & {"num_points", "point_energy"}
+    assert res["classifier_gbdt"]["auc"] < 0.62, res["classifier_gbdt"]
+    # compared as point clouds, the points are the object: they stay in
+    pg = sample_from_showers(halves, name="gen", **EDGES, progress=False)
+    pr = sample_from_showers(toy_showers(600, seed=11), name="ref", **EDGES, progress=False)
+    assert compare_samples(pg, pr, network=False, distances=False, n_boot=3)["classifier_gbdt"]["auc"] > 0.95

@@ -130,10 +130,12 @@ class Observables:
                 out[f"{name}[{k}]"] = p[:, k]
         return out
 
-    def feature_matrix(self, include_conditions: bool = False) -> np.ndarray:
+    def feature_matrix(self, include_conditions: bool = False, exclude=()) -> np.ndarray:
         """``[B, D]`` high-level feature vector (scalars, then the profiles normalised to the
-        visible energy), the input of the classifier test and of FPD/KPD."""
-        cols = [v.detach().cpu().double().numpy() for v in self.scalars.values()]
+        visible energy), the input of the classifier test and of FPD/KPD; scalars named in
+        ``exclude`` are left out."""
+        cols = [v.detach().cpu().double().numpy() for k, v in self.scalars.items()
+                if k not in exclude]
         vis = self.scalars["visible_energy"].detach().cpu().double().numpy()
         safe = np.where(vis > 0, vis, 1.0)
         for name, prof in self.profiles.items():
@@ -144,8 +146,8 @@ class Observables:
             cols.append(self.conditions["theta"].cpu().double().numpy())
         return np.stack(cols, axis=1) if cols else np.zeros((len(self), 0))
 
-    def feature_names(self, include_conditions: bool = False) -> list[str]:
-        names = list(self.scalars)
+    def feature_names(self, include_conditions: bool = False, exclude=()) -> list[str]:
+        names = [k for k in self.scalars if k not in exclude]
         for name, prof in self.profiles.items():
             names.extend(f"{name}[{k}]" + ("/visible" if name.endswith("energy") else "")
                          for k in range(prof.shape[1]))

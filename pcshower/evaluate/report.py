@@ -347,6 +347,17 @@ def _clean_features(gen: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
     return gen[:, keep], ref[:, keep]
 
 
+#: Quantities of a model's internal point cloud, not of the detector: the number of points and
+#: the point-energy spectrum depend on the grid the training data were merged on (the reference's
+#: own points on another). Compared cell-level samples report them, but they are not features
+#: of the classifier or KPD/FPD and not part of the summary (docs/evaluation.md).
+POINT_DIAGNOSTICS = ("num_points", "point_energy")
+
+
+def _diagnostics(level: str) -> tuple[str, ...]:
+    return POINT_DIAGNOSTICS if level == "cells" else ()
+
+
 def _metrics(gen: EvaluationSample, ref: EvaluationSample, *, n_boot, seed, bins,
              distances, kpd_batch, fpd_max) -> dict:
     gv, go = _one_dimensional(gen, seed)
@@ -358,7 +369,9 @@ def _metrics(gen: EvaluationSample, ref: EvaluationSample, *, n_boot, seed, bins
                                              generated_owner=go, reference_owner=ro,
                                              n_boot=n_boot, bins=bins, seed=seed)}
     if distances:
-        gf, rf = _clean_features(gen.observables.feature_matrix(), ref.observables.feature_matrix())
+        skip = _diagnostics(gen.level)
+        gf, rf = _clean_features(gen.observables.feature_matrix(exclude=skip),
+                                 ref.observables.feature_matrix(exclude=skip))
         if len(rf) >= 8 and len(gf) >= 4:
             res.update(_distances(gf, rf, seed, kpd_batch, fpd_max))
     return res
@@ -421,8 +434,9 @@ def compare_samples(generated: EvaluationSample, reference: EvaluationSample, *,
     t = lap("metrics_1d_kpd_fpd", t)
     if classifier:
         inc = True
-        gx, rx = _clean_features(generated.observables.feature_matrix(inc),
-                                 reference.observables.feature_matrix(inc))
+        skip = _diagnostics(generated.level)
+        gx, rx = _clean_features(generated.observables.feature_matrix(inc, exclude=skip),
+                                 reference.observables.feature_matrix(inc, exclude=skip))
 
         def run_gbdt(a, b):
             return gbdt_auc(a, b, max_per_class=classifier_max, seed=seed)
@@ -446,7 +460,7 @@ def compare_samples(generated: EvaluationSample, reference: EvaluationSample, *,
                                          kpd_batch=kpd_batch, fpd_max=fpd_max,
                                          min_showers=min_bin_showers)
     lap("conditional", t)
-    result["summary"] = summarise(result)
+    result["summary"] = summarise(result, exclude=_diagnostics(generated.level))
     result["timings_s"] = timings
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -475,15 +489,16 @@ def _conditional(gen, ref, energy_bins, theta_bins, *, min_showers, **kw) -> lis
                 entry["skipped"] = f"fewer than {min_showers} reference showers"
             else:
                 entry.update(_metrics(_subsample(gen, gm), _subsample(ref, rm), **kw))
-                entry["summary"] = summarise(entry)
+                entry["summary"] = summarise(entry, exclude=_diagnostics(gen.level))
             out.append(entry)
     return out
 
 
-def summarise(result: dict) -> dict:
+def summarise(result: dict, exclude=()) -> dict:
     """Headline numbers: median and worst ratio to floor of W1 and separation power over the
-    per-shower observables and spectra (profile bins are summarised by their median)."""
-    obs = result.get("observables", {})
+    per-shower observables and spectra (profile bins are summarised by their median); the
+    observables named in ``exclude`` (diagnostics) are left out and listed."""
+    obs = {k: v for k, v in result.get("observables", {}).items() if k not in exclude}
     if not obs:
         return {}
     # a floor of exactly 0 (both reference halves identical, e.g. an observable that is always
@@ -500,7 +515,8 @@ def summarise(result: dict) -> dict:
     return {"w1_ratio_median": float(np.nanmedian(w)), "w1_ratio_max": float(np.nanmax(w)),
             "separation_ratio_median": float(np.nanmedian(s)) if s.size else float("nan"),
             "separation_ratio_max": float(np.nanmax(s)) if s.size else float("nan"),
-            "worst_w1": worst, "zero_floor": zero_floor}
+            "worst_w1": worst, "zero_floor": zero_floor,
+            "diagnostics": sorted(k for k in result.get("observables", {}) if k in exclude)}
 
 
 # ---------------------------------------------------------------------------------- report
@@ -633,14 +649,16 @@ def write_report(result: dict, generated: EvaluationSample, reference: Evaluatio
     return out / "index.html"
 
 
-def _metric_rows(obs: dict, keys) -> str:
+def _metric_rows(obs: dict, keys, diagnostics=()) -> str:
     rows = []
     for k in keys:
         if k not in obs:
             continue
         w, s = obs[k]["w1"], obs[k]["separation_power"]
-        flag = ' class="bad"' if w["ratio"] > 3 or s["ratio"] > 3 else ""
-        rows.append(f"<tr{flag}><td>{html.escape(k)}</td><td>{_fmt(w['value'])} ± {_fmt(w['value_err'], 2)}"
+        flag = ' class="bad"' if (w["ratio"] > 3 or s["ratio"] > 3) and k not in diagnostics else ""
+        label = html.escape(k) + (" (diagnostic: model points, not in the summary)"
+                                  if k in diagnostics else "")
+        rows.append(f"<tr{flag}><td>{label}</td><td>{_fmt(w['value'])} ± {_fmt(w['value_err'], 2)}"
                     f"</td><td>{_fmt(w['floor'])} ± {_fmt(w['floor_err'], 2)}</td><td>{_fmt(w['ratio'])}"
                     f"</td><td>{_fmt(s['value'])} ± {_fmt(s['value_err'], 2)}</td><td>{_fmt(s['floor'])}"
                     f" ± {_fmt(s['floor_err'], 2)}</td><td>{_fmt(s['ratio'])}</td></tr>")
@@ -710,7 +728,7 @@ Median W1/floor {_fmt(summary.get('w1_ratio_median'))}, worst {_fmt(summary.get(
 <h2>Global tests</h2><table><tr><th>test</th><th>value</th><th>floor (ref vs ref)</th><th></th></tr>
 {''.join(glob)}</table>
 <h2>Observables</h2><table>{head}
-{_metric_rows(obs, keys)}</table>
+{_metric_rows(obs, keys, summary.get('diagnostics', ()))}</table>
 {cond_html}
 {imgs}
 <h2>Profile bins</h2><table>{head}
