@@ -11,9 +11,9 @@ Usage::
     python benchmarks/default_model.py evaluate pcshower/weights/default.pt reference.parquet \\
         --n-gen 1000 --steps 8 --out eval_default
     # what the training grid alone costs: reference showers merged on it (and split back) instead
-    # of a model
+    # of a model; --spread-data: split over boxes measured on those (finer) training showers
     python benchmarks/default_model.py grid-baseline reference.parquet --grid 0.25,0.25,1.0 \\
-        --split 4 --n-gen 1000 --out eval_grid
+        --split 16 --spread-data train_fine.parquet --n-gen 1000 --out eval_grid
 
 Showers: E uniform in 10-100 GeV, global theta uniform in 30-90 deg, phi = 0, from the
 parametrised engine in the ILD stack's equivalent medium. The physics frame is the shower's own
@@ -34,9 +34,9 @@ import torch
 from pcshower.data import Showers
 from pcshower.evaluate import evaluate
 from pcshower.geometry import load_geometry
-from pcshower.io import read_parquet, write_parquet
+from pcshower.io import iter_parquet, read_parquet, write_parquet
 from pcshower.models.checkpoint import load_model
-from pcshower.models.model import split_points
+from pcshower.models.split import measure_voxel_spread, split_points, spread_boxes
 from pcshower.simulate.parametrised import simulate_parametrised
 from pcshower.simulate.reduce import reduce_points
 from tqdm import tqdm
@@ -113,13 +113,20 @@ def evaluate_model(model_path: str, reference: str, n_gen: int, steps: int, out:
         "points_per_shower": float(gen.num_points.double().mean())})
 
 
-def grid_baseline(reference: str, grid: tuple, split: int, n_gen: int, out: str, seed: int) -> dict:
+def grid_baseline(reference: str, grid: tuple, split: int, n_gen: int, out: str, seed: int,
+                  spread_data: str | None = None) -> dict:
     torch.set_num_threads(1)
     showers = read_parquet(reference)
     merged = reduce_points(showers[:n_gen], grid)
-    pts, ptr = split_points(merged.points, merged.ptr, split, grid, torch.Generator().manual_seed(seed))
+    box, how = grid, "the voxel"
+    if spread_data is not None:
+        table, _ = measure_voxel_spread(iter_parquet(spread_data, batch_size=250, max_showers=2000),
+                                        grid)
+        box, how = spread_boxes(merged.points, table), f"boxes measured on {spread_data}"
+    pts, ptr = split_points(merged.points, merged.ptr, split, box, torch.Generator().manual_seed(seed))
     return _compare(merged._replace(points=pts, ptr=ptr), showers[n_gen:], out,
-                    f"reference on grid {grid} split x{split}", {"grid": list(grid), "split": split})
+                    f"reference on grid {grid} split x{split}", {"grid": list(grid), "split": split,
+                                                                 "split_over": how})
 
 
 def main(argv=None) -> None:
@@ -142,6 +149,9 @@ def main(argv=None) -> None:
     b.add_argument("reference")
     b.add_argument("--grid", type=_grid, required=True)
     b.add_argument("--split", type=int, default=1)
+    b.add_argument("--spread-data", default=None,
+                   help="finer training showers: split over per-point boxes measured on them "
+                        "(pcshower fit-split) instead of the voxel")
     b.add_argument("--n-gen", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
@@ -152,7 +162,7 @@ def main(argv=None) -> None:
     elif a.command == "evaluate":
         evaluate_model(a.model, a.reference, a.n_gen, a.steps, a.out, a.seed)
     else:
-        grid_baseline(a.reference, a.grid, a.split, a.n_gen, a.out, a.seed)
+        grid_baseline(a.reference, a.grid, a.split, a.n_gen, a.out, a.seed, a.spread_data)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ def test_sharded_directory_streaming(tmp_path):
     assert [len(b) for b in batches] == [10, 10, 10, 10, 2]
     assert_same(Showers.concat(batches), full)
     assert io.count_showers(tmp_path) == len(full)
+    first = list(io.iter_parquet(tmp_path, batch_size=10, max_showers=25))
+    assert [len(b) for b in first] == [10, 10, 5]
+    assert_same(Showers.concat(first), full[:25])
+    assert list(io.iter_parquet(tmp_path, batch_size=10, max_showers=0)) == []
 
 
 def test_truncated_and_foreign_files(tmp_path, showers):

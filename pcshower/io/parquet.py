@@ -15,6 +15,7 @@ Plain ``pyarrow.parquet``, pandas, polars and DuckDB read these files without pc
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,13 +250,28 @@ def read_parquet(path: str | os.PathLike) -> Showers:
     return Showers.concat(parts) if len(parts) > 1 else parts[0]
 
 
-def iter_parquet(path: str | os.PathLike, batch_size: int | None = None) -> Iterator[Showers]:
+def iter_parquet(path: str | os.PathLike, batch_size: int | None = None,
+                 max_showers: int | None = None) -> Iterator[Showers]:
     """Stream a file or dataset directory as :class:`Showers` batches, reading one row group at a
     time (``batch_size=None``: one batch per file) so memory stays bounded by a row group.
 
     With ``batch_size``, row groups are regrouped into batches of exactly ``batch_size`` showers
-    (the last one may be smaller).
+    (the last one may be smaller). With ``max_showers``, the stream stops after that many
+    showers (the last batch is cut).
     """
+    if max_showers is not None and max_showers < 0:
+        raise ValueError(f"max_showers must be >= 0, got {max_showers}")
+    left = math.inf if max_showers is None else int(max_showers)
+    for batch in _iter_parquet(path, batch_size):
+        if left <= 0:
+            return
+        if len(batch) > left:
+            batch = batch[:left]
+        left -= len(batch)
+        yield batch
+
+
+def _iter_parquet(path, batch_size):
     pending: list[Showers] = []
     held = 0
     for file in list_shards(path):

@@ -114,24 +114,13 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
     state = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
     state.update({k: v for k, v in fitted.state_dict().items() if k.startswith("split_spread")})
     fitted.load_state_dict(state)
-    info = fitted.fit_split_spread(_first(iter_parquet(data, batch_size=250), max_showers),
+    info = fitted.fit_split_spread(iter_parquet(data, batch_size=250, max_showers=max_showers),
                                    progress=progress)
     provenance = dict(body.get("provenance") or {})
     provenance["split_spread"] = {"data": str(data), "factor": int(split["factor"]),
                                   **{k: info[k] for k in ("showers", "voxels", "points", "grid")}}
     save_checkpoint(out, model_payload(fitted, metrics=body.get("metrics"), provenance=provenance))
     return info
-
-
-def _first(batches, n: int):
-    """The first ``n`` showers of a stream of batches."""
-    for b in batches:
-        if n <= 0:
-            return
-        if len(b) > n:
-            b = b[:n]
-        n -= len(b)
-        yield b
 
 
 def _fit_split(args) -> int:
