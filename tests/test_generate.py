@@ -95,7 +95,8 @@ def test_generate_on_ild_cells(tiny_model):
 @pytest.mark.parametrize("geometry, position", [("allegro", None), ("ild", [1804.8, 300.0, 200.0]),
                                                 ("cld", [[2150.0, 0.0, 0.0], [0.0, 0.0, 0.0]])])
 def test_generate_inclined_and_explicit_positions_in_the_detector_frame(tiny_model, geometry, position):
-    s = generate([50, 60], 90, geometry, 2, position=position, model=tiny_model, seed=4)
+    # two passes (3 + 1 showers): each is placed and projected on its own, hits concatenated
+    s = generate([50, 60], 90, geometry, 2, position=position, model=tiny_model, seed=4, batch_size=3)
     assert s.frame == "detector" and s.geometry == geometry and s.metadata["geometry"] == geometry
     if position is not None:
         expected = torch.as_tensor(position, dtype=torch.float64).expand(2, 3).repeat_interleave(2, 0)

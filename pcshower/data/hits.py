@@ -71,6 +71,25 @@ class CellHits:
         cells = torch.nonzero(nz)[:, 1]
         return cls(cell_id=cells, energy=dense[nz], ptr=ptr, num_cells=dense.shape[1], **kwargs)
 
+    @staticmethod
+    def concat(parts) -> "CellHits":
+        """Concatenate the hits of consecutive batches of showers in one readout."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("cannot concatenate an empty list of CellHits")
+        first = parts[0]
+        for k, h in enumerate(parts[1:], 1):
+            if h.num_cells != first.num_cells or h.geometry != first.geometry:
+                raise ValueError(f"hits batch {k} is for {h.geometry!r} ({h.num_cells} cells), "
+                                 f"batch 0 for {first.geometry!r} ({first.num_cells} cells)")
+        counts = torch.cat([h.num_hits for h in parts])
+        ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=first.ptr.device)
+        torch.cumsum(counts, 0, out=ptr[1:])
+        return CellHits(torch.cat([h.cell_id for h in parts]), torch.cat([h.energy for h in parts]),
+                        ptr, first.num_cells, first.geometry,
+                        torch.cat([h.outside_energy for h in parts]),
+                        torch.cat([h.outside_points for h in parts]), dict(first.metadata))
+
     def to(self, device) -> "CellHits":
         return CellHits(self.cell_id.to(device), self.energy.to(device), self.ptr.to(device),
                         self.num_cells, self.geometry, self.outside_energy.to(device),

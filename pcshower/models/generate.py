@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcshower.data.hits import CellHits
 from pcshower.data.showers import Showers
 from pcshower.units import deg_to_rad, particle_code, particle_name
 
@@ -100,7 +101,8 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         seed: random seed; the same seed and ``batch_size`` give identical showers.
         device: torch device (default: CUDA when available, else CPU).
         model: checkpoint path or ShowerModel (default: the model shipped with pcshower).
-        batch_size: showers generated per pass (memory bound; default 1024).
+        batch_size: showers generated (and placed and projected) per pass: the memory bound of
+            the work, default 1024; the returned points and hits of all passes stay in memory.
         sampler: ``"heun"`` or ``"euler"`` (default: the model's).
         allow_extrapolation: warn instead of failing for conditions outside the training range.
         progress: show a tqdm progress bar over the passes.
@@ -165,35 +167,39 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     # a model that only saw one azimuth (phi-symmetric physics-frame showers) is conditioned on
     # that azimuth; the showers keep the requested phi for their placement
     cond_phi = phi_range[0] if phi_range and phi_range[1] - phi_range[0] < 1e-9 else None
-    parts = []
+    info = getattr(net, "checkpoint_info", {}) or {}
+    meta = {"generator": "pcshower.generate", "seed": int(seed),
+            "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
+            "model": info.get("path", "in-memory model"),
+            "model_sha256": info.get("sha256"), "particle": particle_name(code)}
+    geom = None
+    if geometry is not None:
+        from pcshower.geometry import load_geometry
+
+        geom = load_geometry(geometry)
+    parts, hits = [], []
     for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
         sl = slice(start, start + size)
-        parts.append(net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps,
-                                sampler=sampler, generator=gen, cond_phi=cond_phi))
-    showers = Showers.concat(parts) if parts else None
-    showers = showers._replace(particle=torch.full((total,), code, dtype=torch.int64,
-                                                   device=showers.device))
-    if pos is not None:
-        showers = showers._replace(position=torch.as_tensor(pos, dtype=torch.float64,
-                                                            device=showers.device))
-    info = getattr(net, "checkpoint_info", {}) or {}
-    showers.metadata.update({
-        "generator": "pcshower.generate", "seed": int(seed),
-        "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
-        "model": info.get("path", "in-memory model"),
-        "model_sha256": info.get("sha256"), "particle": particle_name(code)})
-    showers.hits = None
-    if geometry is None:
-        return showers
-    return _project(showers, geometry, gen)
+        part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps, sampler=sampler,
+                          generator=gen, cond_phi=cond_phi)
+        part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
+                                                 device=part.device))
+        if pos is not None:
+            part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
+                                                          device=part.device))
+        if geom is not None:  # placed and projected batch by batch: memory stays per batch
+            part = _project(part, geom, gen)
+            hits.append(part.hits)
+        parts.append(part)
+    showers = Showers.concat(parts) if len(parts) > 1 else parts[0]
+    showers.metadata.update(meta)
+    showers.hits = CellHits.concat(hits) if hits else None
+    return showers
 
 
-def _project(showers: Showers, geometry, generator: torch.Generator) -> Showers:
+def _project(showers: Showers, geom, generator: torch.Generator) -> Showers:
     """Place physics-frame showers in a geometry: detector-frame points (the visible part, with
     sampling fluctuations) plus their cell hits, consistent with each other."""
-    from pcshower.geometry import load_geometry
-
-    geom = load_geometry(geometry)
     # float32 points like the model's; the hits are projected from exactly these points
     detector = geom.to_detector(showers, generator=generator).to(dtype=showers.points.dtype)
     detector.hits = geom.project(detector)
