@@ -104,3 +104,49 @@ def test_calibration_hits_the_sampled_shape():
     expect = frac_e[0] * has / (frac_e[0] * has).sum()
     assert torch.allclose(got.slice_energy[0], expect, atol=1e-5)
     assert ((out[:, 2] >= 0) & (out[:, 2] <= 12)).all() and (out[:, 3] >= 0).all()
+
+
+RINGS = [0.5, 1.0, 2.0]
+
+
+def test_codec_with_rings_roundtrips_ring_energies():
+    g = torch.Generator().manual_seed(1)
+    codec = ShapeCodec(torch.linspace(0, 12, 7), r_edges=RINGS)
+    assert codec.num_rings == 4 and codec.num_features == 5 + 12 + 4
+    counts = torch.tensor([40, 3, 100])
+    pts, batch = _toy(g, counts)
+    shape = codec.measure(pts, batch, 3)
+    r = torch.hypot(pts[:, 0], pts[:, 1])
+    inner = torch.zeros(3).index_add_(0, batch, pts[:, 3] * (r < 0.5))
+    assert torch.allclose(shape.ring_energy[:, 0], inner / shape.visible_energy, atol=1e-6)
+    assert torch.allclose(shape.ring_energy.sum(1), torch.ones(3), atol=1e-6)
+    back = codec.decode(codec.encode(shape))
+    assert torch.allclose(back.ring_energy, shape.ring_energy, atol=1e-5)
+    for bad in ([], [1.0, 0.5], [0.0, 1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="ring edges"):
+            ShapeCodec(torch.linspace(0, 12, 7), r_edges=bad)
+
+
+def test_calibration_matches_sampled_slice_and_ring_energies_together():
+    # the toy points (Gaussian in x, y) put ~12 % of the energy beyond 2 R_M; the sampled shape
+    # asks for other ring and slice fractions, and the calibration must give both at once
+    g = torch.Generator().manual_seed(2)
+    edges = torch.linspace(0, 12, 7)
+    codec = ShapeCodec(edges, r_edges=RINGS)
+    counts = torch.tensor([400, 900])
+    pts, batch = _toy(g, counts)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    frac_e = torch.rand(2, 6, generator=g) + 0.2
+    frac_e = frac_e / frac_e.sum(1, keepdim=True)
+    rings = torch.tensor([[0.3, 0.3, 0.3, 0.1], [0.1, 0.2, 0.6, 0.1]])
+    sampled = codec.measure(pts, batch, 2)
+    target = ShowerShape(counts, torch.tensor([0.9, 0.4]), torch.zeros(2, 3), frac_e,
+                         sampled.slice_points, rings)
+    out = calibrate_points(pts, ptr, target, edges, codec.r_edges)
+    got = codec.measure(out, batch, 2)
+    assert torch.allclose(got.slice_energy, frac_e, atol=1e-5)       # slices: exact
+    assert torch.allclose(got.visible_energy, target.visible_energy, rtol=1e-5)
+    # rings after the final slice scaling and the CoG shift: close, not exact
+    assert (got.ring_energy - rings).abs().max() < 0.02, got.ring_energy
+    before = codec.measure(calibrate_points(pts, ptr, target, edges), batch, 2).ring_energy
+    assert (before - rings).abs().max() > 0.1  # without rings they were far off

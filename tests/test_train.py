@@ -158,6 +158,21 @@ def test_flow_only_stage_keeps_the_point_network(tmp_path):
         assert torch.equal(v, two["normalization"][k]), k
     assert two["provenance"]["init_from"]["sha256"] == one["sha256"]
     assert load_model(tmp_path / "two" / "model.pt").config["flow"]["passes"] == 2
+    # a new flow with ring features: its shape statistics are measured on the data (they cannot
+    # come from the init checkpoint), the point network's and the conditions' are copied
+    cfg3 = {"model": {**TINY_MODEL, "rings": [0.5, 1.0]}, "train": {**cfg["train"], "parts": ["flow"]}}
+    train(cfg3, showers, tmp_path / "three", progress=False, init_from=tmp_path / "one" / "model.pt")
+    three = read_checkpoint(tmp_path / "three" / "model.pt")
+    assert three["normalization"]["shape_mean"].numel() == one["normalization"]["shape_mean"].numel() + 3
+    for k in ("point_mean", "point_std", "cond_stats", "ranges"):
+        assert torch.equal(one["normalization"][k], three["normalization"][k]), k
+    ringed = load_model(tmp_path / "three" / "model.pt")
+    s = ringed.sample(torch.tensor([50.0, 20.0]), torch.tensor([1.2, 1.0]), torch.zeros(2), steps=1,
+                      generator=torch.Generator().manual_seed(0))
+    assert len(s) == 2 and bool(torch.isfinite(s.points).all())
+    with pytest.raises(ValueError, match="normalisation does not fit"):  # the points need theirs
+        train({**cfg3, "train": {**cfg3["train"], "parts": ["points"]}}, showers, tmp_path / "four",
+              progress=False, init_from=tmp_path / "one" / "model.pt")
     with pytest.raises(ValueError, match="train.parts"):
         train({"model": TINY_MODEL, "train": {"parts": ["decoder"]}}, showers, tmp_path / "x",
               progress=False)

@@ -4,8 +4,9 @@ CaloClouds II (arXiv:2309.05704, section 3.4) corrects the diffusion model's poi
 per-layer point counts and energies follow the flow. In the physics frame there are no layers, so
 pcshower does it per depth slice: (1) the points of each shower, sorted in depth, are dealt to the
 slices in the sampled counts and mapped linearly into their slice (order in depth is kept);
-(2) point energies are scaled per slice to the sampled slice energy, then per shower to the
-sampled visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
+(2) point energies are scaled per slice to the sampled slice energy (and, for a model with rings,
+alternately per ring about the axis to the sampled ring energy), then per shower to the sampled
+visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
 All steps are vectorised over the flat ragged batch.
 """
 
@@ -19,10 +20,19 @@ from pcshower.nn.pooling import segment_sum
 __all__ = ["calibrate_points"]
 
 
+#: Alternating slice/ring energy scalings (iterative proportional fitting) when rings are used.
+RING_ITERATIONS = 5
+
+
 def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
-                     z_edges: torch.Tensor) -> torch.Tensor:
+                     z_edges: torch.Tensor, r_edges: torch.Tensor | None = None) -> torch.Tensor:
     """Calibrated copy of physics-frame ``points [P, 4]`` (rows grouped by shower as in ``ptr``,
-    ``P = shape.num_points.sum()``), re-ordered by depth within each shower."""
+    ``P = shape.num_points.sum()``), re-ordered by depth within each shower.
+
+    With ``r_edges`` (the codec's ring edges, R_M) and ``shape.ring_energy``, the energies are
+    fitted to the sampled slice and ring energies together by iterative proportional fitting
+    (alternate scalings; the slices are matched exactly, the rings to the extent the points
+    allow: a ring without points keeps no energy)."""
     b, s = shape.slice_points.shape
     counts = ptr[1:] - ptr[:-1]
     if not torch.equal(counts, shape.slice_points.sum(1)):
@@ -47,9 +57,17 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     pts[:, 2] = lo + width * (t * (n_g - 1) + 0.5) / n_g
     # (2) energies: per slice, then per shower (slices that got no point lose their share)
     e = pts[:, 3].double()
-    target = (shape.slice_energy.double() * shape.visible_energy.double()[:, None]).reshape(-1)
-    have = segment_sum(e, group, b * s)
-    e = e * torch.where(have > 0, target / have.clamp(min=1e-300), torch.zeros_like(have))[group]
+    evis = shape.visible_energy.double()[:, None]
+    fits = [(group, (shape.slice_energy.double() * evis).reshape(-1))]
+    if r_edges is not None and shape.ring_energy is not None:
+        k = shape.ring_energy.shape[1]
+        r = torch.hypot(pts[:, 0], pts[:, 1]).contiguous()
+        ring = batch * k + torch.bucketize(r, r_edges.to(device, r.dtype), right=True)
+        fits = [fits[0], (ring, (shape.ring_energy.double() * evis).reshape(-1))] * RING_ITERATIONS
+        fits.append(fits[0])
+    for idx, target in fits:
+        have = segment_sum(e, idx, target.numel())
+        e = e * torch.where(have > 0, target / have.clamp(min=1e-300), torch.zeros_like(have))[idx]
     total = segment_sum(e, batch, b)
     scale = torch.where(total > 0, shape.visible_energy.double() / total.clamp(min=1e-300),
                         torch.zeros_like(total))

@@ -30,6 +30,10 @@ __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"
 DEFAULT_MODEL_CONFIG = {
     "slices": {"num": 30, "z_max_x0": 30.0},
     "fraction_eps": 1.0e-3,
+    # inner edges (R_M) of rings about the axis whose energy fractions the flow samples and the
+    # calibration matches (CaloClouds' per-layer calibration, extended to the radial direction);
+    # None: no rings
+    "rings": None,
     # passes: None = fully autoregressive (sampling costs one network pass per feature);
     # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
     "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
@@ -93,7 +97,7 @@ class ShowerModel(nn.Module):
         self.config = merge_config(DEFAULT_MODEL_CONFIG, config)
         cfg = self.config
         edges = torch.linspace(0.0, float(cfg["slices"]["z_max_x0"]), int(cfg["slices"]["num"]) + 1)
-        self.codec = ShapeCodec(edges, cfg["fraction_eps"])
+        self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"])
         self.edm = EDM(**cfg["edm"])
         self.norm = Normalization(self.codec.num_features)
         fc = cfg["flow"]
@@ -209,7 +213,7 @@ class ShowerModel(nn.Module):
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
         then the configured sub-voxel split. Returns ``(points, ptr)``."""
-        points = calibrate_points(points, ptr, shape, self.codec.z_edges)
+        points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges)
         sc = self.config["split"]
         box = sc["box"]
         if sc["spread"]:

@@ -3,8 +3,8 @@ r"""ShowerFlow: a conditional normalising flow for the global shape of a shower.
 As in CaloClouds II (Buhmann et al., arXiv:2309.05704, section 3.2), one flow samples, per
 shower, the numbers that fix its global shape before any point is drawn: the number of points
 :math:`N`, the visible energy (fraction of the incident energy), the energy-weighted centre of
-gravity :math:`(x, y, z)`, and for each depth slice the fraction of the energy and of the points
-it holds. Transforms that make the flow's job easy and keep the physics valid:
+gravity :math:`(x, y, z)`, for each depth slice the fraction of the energy and of the points
+it holds, and (optionally) the fraction of the energy in rings about the shower axis. Transforms that make the flow's job easy and keep the physics valid:
 
 * :math:`N` is dequantised, :math:`y_N = \ln(N + u)`, :math:`u \sim U[0, 1)`; sampling inverts
   with :math:`\lfloor e^{y_N} \rfloor \ge 1` (Uria, Murray, Larochelle, arXiv:1306.0186).
@@ -40,6 +40,8 @@ class ShowerShape:
         cog: ``[B, 3]`` energy-weighted centre of gravity (R_M, R_M, X0).
         slice_energy: ``[B, S]`` fraction of the visible energy in each depth slice.
         slice_points: ``[B, S]`` int64 number of points in each depth slice.
+        ring_energy: ``[B, R]`` fraction of the visible energy in each ring about the shower
+            axis (``None`` for a codec without rings).
     """
 
     num_points: torch.Tensor
@@ -47,32 +49,53 @@ class ShowerShape:
     cog: torch.Tensor
     slice_energy: torch.Tensor
     slice_points: torch.Tensor
+    ring_energy: torch.Tensor | None = None
 
 
 class ShapeCodec:
     """Measures a :class:`ShowerShape` on physics-frame points and maps it to and from the flow's
-    real-valued feature vector ``[B, 5 + 2S]`` (log N, log E_vis, CoG x/y/z, slice energy
-    fractions, slice point fractions).
+    real-valued feature vector ``[B, 5 + 2S + R]`` (log N, log E_vis, CoG x/y/z, slice energy
+    fractions, slice point fractions, ring energy fractions).
 
     Args:
         z_edges: ``[S+1]`` depth-slice edges in X0; points outside go to the first/last slice.
         eps: floor added to fractions before the logarithm.
+        r_edges: inner edges (R_M, increasing, > 0) of rings about the shower axis, whose energy
+            fractions the flow also samples (``R = len(r_edges) + 1`` rings, the last one
+            open); ``None``: no rings.
     """
 
-    def __init__(self, z_edges: torch.Tensor, eps: float = 1e-3):
+    def __init__(self, z_edges: torch.Tensor, eps: float = 1e-3, r_edges=None):
         self.z_edges = torch.as_tensor(z_edges, dtype=torch.float32)
         self.eps = float(eps)
+        self.r_edges = None
+        if r_edges is not None:
+            r = torch.as_tensor([float(v) for v in r_edges], dtype=torch.float32)
+            if r.numel() == 0 or not bool(torch.isfinite(r).all()) or bool((r <= 0).any()) \
+                    or bool((r[1:] <= r[:-1]).any()):
+                raise ValueError(f"ring edges must be increasing positive numbers (R_M), got "
+                                 f"{list(r_edges)!r}")
+            self.r_edges = r
 
     @property
     def num_slices(self) -> int:
         return self.z_edges.numel() - 1
 
     @property
+    def num_rings(self) -> int:
+        return 0 if self.r_edges is None else self.r_edges.numel() + 1
+
+    @property
     def num_features(self) -> int:
-        return 5 + 2 * self.num_slices
+        return 5 + 2 * self.num_slices + self.num_rings
 
     def slice_of(self, z: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(z.contiguous(), self.z_edges[1:-1].to(z.device, z.dtype), right=True)
+
+    def ring_of(self, points: torch.Tensor) -> torch.Tensor:
+        """Ring index of each point (distance from the shower axis x = y = 0)."""
+        r = torch.hypot(points[:, 0], points[:, 1]).contiguous()
+        return torch.bucketize(r, self.r_edges.to(r.device, r.dtype), right=True)
 
     def measure(self, points: torch.Tensor, batch: torch.Tensor, num_showers: int) -> ShowerShape:
         s = self.num_slices
@@ -84,8 +107,13 @@ class ShapeCodec:
         group = batch * s + self.slice_of(points[:, 2])
         slice_e = segment_sum(e, group, num_showers * s).view(num_showers, s)
         slice_n = torch.bincount(group, minlength=num_showers * s).view(num_showers, s)
+        rings = None
+        if self.r_edges is not None:
+            k = self.num_rings
+            ring_e = segment_sum(e, batch * k + self.ring_of(points), num_showers * k)
+            rings = (ring_e.view(num_showers, k) / evis.clamp(min=1e-30)[:, None]).float()
         return ShowerShape(counts, evis.float(), cog.float(),
-                           (slice_e / evis.clamp(min=1e-30)[:, None]).float(), slice_n)
+                           (slice_e / evis.clamp(min=1e-30)[:, None]).float(), slice_n, rings)
 
     def encode(self, shape: ShowerShape, u: torch.Tensor | None = None) -> torch.Tensor:
         """Feature vector; ``u [B]`` is the dequantisation noise (0.5 when None)."""
@@ -93,9 +121,11 @@ class ShapeCodec:
         if u is None:
             u = torch.full_like(n, 0.5)
         frac_n = shape.slice_points.float() / n.clamp(min=1)[:, None]
-        return torch.cat([(n + u).log()[:, None], shape.visible_energy.clamp(min=1e-12).log()[:, None],
-                          shape.cog, (shape.slice_energy + self.eps).log(),
-                          (frac_n + self.eps).log()], dim=1)
+        cols = [(n + u).log()[:, None], shape.visible_energy.clamp(min=1e-12).log()[:, None],
+                shape.cog, (shape.slice_energy + self.eps).log(), (frac_n + self.eps).log()]
+        if self.r_edges is not None:
+            cols.append((shape.ring_energy + self.eps).log())
+        return torch.cat(cols, dim=1)
 
     def decode(self, y: torch.Tensor, max_points: int | None = None) -> ShowerShape:
         s = self.num_slices
@@ -106,8 +136,11 @@ class ShapeCodec:
         evis = y[:, 1].exp()
         cog = y[:, 2:5]
         frac_e = _renormalise((y[:, 5:5 + s].exp() - self.eps).clamp(min=0))
-        frac_n = _renormalise((y[:, 5 + s:].exp() - self.eps).clamp(min=0))
-        return ShowerShape(n, evis, cog, frac_e, largest_remainder(frac_n, n))
+        frac_n = _renormalise((y[:, 5 + s:5 + 2 * s].exp() - self.eps).clamp(min=0))
+        rings = None
+        if self.r_edges is not None:
+            rings = _renormalise((y[:, 5 + 2 * s:].exp() - self.eps).clamp(min=0))
+        return ShowerShape(n, evis, cog, frac_e, largest_remainder(frac_n, n), rings)
 
 
 def _renormalise(f: torch.Tensor) -> torch.Tensor:

@@ -156,10 +156,11 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     parts = list(tc["parts"])
     if not parts or set(parts) - {"flow", "points"}:
         raise ValueError(f"train.parts must list 'flow' and/or 'points', got {parts}")
+    # measured first, then overwritten by an init checkpoint's normalisation where it fits (a
+    # flow with other shape features keeps the statistics measured here)
+    model.fit_normalization(train_set)
     if tc["init_from"]:
-        provenance["init_from"] = _init_from(model, tc["init_from"])
-    else:
-        model.fit_normalization(train_set)
+        provenance["init_from"] = _init_from(model, tc["init_from"], refit_shape="flow" in parts)
     for name, net in (("flow", model.flow), ("points", model.points_net)):
         net.requires_grad_(name in parts)
     model.to(device)
@@ -253,13 +254,16 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     return metrics
 
 
-def _init_from(model: ShowerModel, path) -> dict:
-    """Copy normalisation and every matching weight of checkpoint ``path`` into ``model``."""
+def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
+    """Copy normalisation and every matching weight of checkpoint ``path`` into ``model``.
+    ``refit_shape``: the flow is trained here, so shape statistics of another size (other flow
+    features) may stay as measured on this data; every other statistic must fit."""
     body = read_checkpoint(path)
     source = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
     target = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
-    missing = [k for k in target if k.startswith("norm.") and k not in loaded]
+    refit = {"norm.shape_mean", "norm.shape_std"} if refit_shape else set()
+    missing = [k for k in target if k.startswith("norm.") and k not in loaded and k not in refit]
     if missing:
         raise ValueError(f"init_from {path}: its normalisation does not fit this model ({missing})")
     model.load_state_dict(loaded, strict=False)
