@@ -104,6 +104,10 @@ def test_calibration_hits_the_sampled_shape():
     expect = frac_e[0] * has / (frac_e[0] * has).sum()
     assert torch.allclose(got.slice_energy[0], expect, atol=1e-5)
     assert ((out[:, 2] >= 0) & (out[:, 2] <= 12)).all() and (out[:, 3] >= 0).all()
+    # a point dealt to another slice moves just inside it; order in depth is kept
+    for i in range(3):
+        z = out[ptr[i]:ptr[i + 1], 2]
+        assert bool((z[1:] >= z[:-1]).all())
 
 
 RINGS = [0.5, 1.0, 2.0]
@@ -143,6 +147,8 @@ def test_calibration_matches_sampled_slice_and_ring_energies_together():
     target = ShowerShape(counts, torch.tensor([0.9, 0.4]), torch.zeros(2, 3), frac_e,
                          sampled.slice_points, rings)
     out = calibrate_points(pts, ptr, target, edges, codec.r_edges)
+    # the sampled counts are the points' own: every point keeps its depth
+    assert torch.equal(out[:, 2].sort().values, pts[:, 2].sort().values)
     got = codec.measure(out, batch, 2)
     assert torch.allclose(got.slice_energy, frac_e, atol=1e-5)       # slices: exact
     assert torch.allclose(got.visible_energy, target.visible_energy, rtol=1e-5)

@@ -3,7 +3,8 @@
 CaloClouds II (arXiv:2309.05704, section 3.4) corrects the diffusion model's points so that the
 per-layer point counts and energies follow the flow. In the physics frame there are no layers, so
 pcshower does it per depth slice: (1) the points of each shower, sorted in depth, are dealt to the
-slices in the sampled counts and mapped linearly into their slice (order in depth is kept);
+slices in the sampled counts; a point outside its slice moves to the nearest depth inside it
+(order in depth is kept);
 (2) point energies are scaled per slice to the sampled slice energy (and, for a model with rings,
 alternately per ring about the axis to the sampled ring energy), then per shower to the sampled
 visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
@@ -45,16 +46,16 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     pts = points[order].clone()
     group_counts = shape.slice_points.reshape(-1)
     group = torch.repeat_interleave(torch.arange(b * s, device=device), group_counts)
-    starts = torch.cumsum(group_counts, 0) - group_counts
-    first = pts[:, 2][starts.clamp(max=max(pts.shape[0] - 1, 0))]
-    last = pts[:, 2][(starts + group_counts - 1).clamp(min=0, max=max(pts.shape[0] - 1, 0))]
-    z_lo, z_hi, n_g = first[group], last[group], group_counts[group].to(pts.dtype)
-    span = z_hi - z_lo
-    t = torch.where(span > 0, (pts[:, 2] - z_lo) / span.clamp(min=1e-30), torch.zeros_like(span))
+    # a point keeps its own depth if it lies in its slice, else it moves to the nearest depth
+    # inside it (the last slice is open towards depth); depth order is kept. Spreading each
+    # slice's points evenly over it instead (as before) smears the depths by up to a slice width
+    # on top of the sub-voxel split (docs/models.md).
     edges = z_edges.to(device, pts.dtype)
     slice_id = group % s
-    lo, width = edges[slice_id], (edges[1:] - edges[:-1])[slice_id]
-    pts[:, 2] = lo + width * (t * (n_g - 1) + 0.5) / n_g
+    lo = edges[slice_id]
+    hi = torch.where(slice_id == s - 1, torch.full_like(lo, float("inf")), edges[1:][slice_id])
+    below_hi = hi - 1e-4 * (edges[1:] - edges[:-1])[slice_id]
+    pts[:, 2] = torch.minimum(torch.maximum(pts[:, 2], lo), below_hi)
     # (2) energies: per slice, then per shower (slices that got no point lose their share)
     e = pts[:, 3].double()
     evis = shape.visible_energy.double()[:, None]
