@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,14 +115,22 @@ def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
     from pcshower.io import read_calochallenge, read_hits_parquet, read_parquet
 
     out = tmp_path / "gen.parquet"
+    # written pass by pass (3 + 3 showers) into one file each
     code = main(["generate", "--geometry", "ild", "--energy", "20:80", "--theta", "40:80",
-                 "--n", "6", "--out", str(out), "--model", str(tiny_model), "--no-progress"])
+                 "--n", "6", "--out", str(out), "--model", str(tiny_model), "--no-progress",
+                 "--batch-size", "3", "--seed", "7"])
     assert code == 0
     s = read_parquet(out)
     assert len(s) == 6 and s.frame == "detector"
     assert (s.energy >= 20).all() and (s.energy <= 80).all()
     hits, cond = read_hits_parquet(tmp_path / "gen_hits.parquet")
     assert len(hits) == 6 and torch.allclose(cond["energy"], s.energy)
+    # the same showers as one generate() call with that seed and batch size
+    rng = np.random.default_rng(7)
+    e, t = rng.uniform(20, 80, 6), rng.uniform(40, 80, 6)
+    ref = generate(e, t, "ild", 1, phi=np.full(6, 0.0), model=tiny_model, seed=7, batch_size=3)
+    assert torch.equal(ref.ptr, s.ptr) and torch.allclose(ref.points, s.points)
+    assert torch.equal(ref.hits.cell_id, hits.cell_id) and torch.allclose(ref.hits.energy, hits.energy)
     h5 = tmp_path / "gen.h5"
     assert main(["generate", "--geometry", "calochallenge_ds2", "--energy", "50", "--n", "4",
                  "--theta", "90", "--out", str(h5), "--model", str(tiny_model),

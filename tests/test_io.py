@@ -228,3 +228,38 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "pcshower.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "info" in out and "convert" in out
+
+
+def test_batch_writer_appends_atomically_and_cleans_up(tmp_path):
+    parts = [make_showers(n=n, seed=i) for i, n in enumerate([7, 5, 9])]
+    path = tmp_path / "b.parquet"
+    with io.ParquetBatchWriter(path, "showers", metadata={"seed": 3}, row_group_size=4) as w:
+        for p in parts:
+            w.write(p)
+            assert not path.exists()  # only complete files appear under the name
+    full = Showers.concat(parts)
+    assert_same(io.read_parquet(path), full)
+    assert io.read_metadata(path)["provenance"]["seed"] == 3
+    assert [len(b) for b in io.iter_parquet(path, batch_size=4)] == [4, 4, 4, 4, 4, 1]
+    # an error inside leaves neither the file nor a temporary behind
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.ParquetBatchWriter(tmp_path / "c.parquet") as w:
+            w.write(parts[0])
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.parquet"]
+    with pytest.raises(ValueError, match="no batch"):
+        io.ParquetBatchWriter(tmp_path / "d.parquet").close()
+    with pytest.raises(ValueError, match="kind"):
+        io.ParquetBatchWriter(tmp_path / "e.parquet", "cells")
+    # hits, with their showers' conditions
+    hits = [CellHits(cell_id=torch.tensor([1, 5, 2]), energy=torch.tensor([0.5, 1.0, 2.0]),
+                     ptr=torch.tensor([0, 2, 3]), num_cells=10, geometry="toy"),
+            CellHits(cell_id=torch.tensor([9]), energy=torch.tensor([3.0]),
+                     ptr=torch.tensor([0, 0, 1]), num_cells=10, geometry="toy")]
+    conds = [make_showers(n=2, seed=5), make_showers(n=2, seed=6)]
+    with io.ParquetBatchWriter(tmp_path / "h.parquet", "hits") as w:
+        for h, c in zip(hits, conds):
+            w.write(h, c)
+    back, cond = io.read_hits_parquet(tmp_path / "h.parquet")
+    assert back.cell_id.tolist() == [1, 5, 2, 9] and back.ptr.tolist() == [0, 2, 3, 3, 4]
+    assert torch.allclose(cond["energy"], torch.cat([c.energy for c in conds]).to(cond["energy"].dtype))

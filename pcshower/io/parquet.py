@@ -30,6 +30,7 @@ from pcshower.io._atomic import TMP_MARKER, atomic_path
 from pcshower.units import DETECTOR_FRAME_UNITS, PHYSICS_FRAME, PHYSICS_FRAME_UNITS
 
 __all__ = [
+    "ParquetBatchWriter",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "write_parquet",
@@ -132,6 +133,10 @@ def write_parquet(path: str | os.PathLike, showers: Showers, *, metadata: dict |
             ``showers.metadata``. The pcshower version is added automatically.
         row_group_size: showers per row group, the unit of :func:`iter_parquet`.
     """
+    return _write_table(path, _showers_table(showers, metadata), row_group_size, compression)
+
+
+def _showers_table(showers: Showers, metadata: dict | None) -> pa.Table:
     arrays = showers.to_numpy()
     ptr = _large_safe_offsets(arrays["ptr"])
     columns = {name: _list_column(np.ascontiguousarray(arrays["points"][:, k]), ptr)
@@ -140,8 +145,7 @@ def write_parquet(path: str | os.PathLike, showers: Showers, *, metadata: dict |
     meta = _base_metadata("showers", showers.frame, showers.geometry,
                           {**showers.metadata, **(metadata or {})})
     meta["feature_names"] = list(showers.feature_names)
-    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    return _write_table(path, table, row_group_size, compression)
+    return pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -300,6 +304,10 @@ def write_hits_parquet(path: str | os.PathLike, hits: CellHits, conditions: Show
                        compression: str = "zstd") -> Path:
     """Write cell hits (one row per shower: ``cell_id`` and ``energy`` [MeV] list columns,
     ``outside_energy``/``outside_points``, and the showers' conditions when given)."""
+    return _write_table(path, _hits_table(hits, conditions, metadata), row_group_size, compression)
+
+
+def _hits_table(hits: CellHits, conditions, metadata: dict | None) -> pa.Table:
     arrays = hits.to_numpy()
     ptr = _large_safe_offsets(arrays["ptr"])
     columns = {"cell_id": _list_column(arrays["cell_id"].astype(np.int64), ptr),
@@ -313,8 +321,74 @@ def write_hits_parquet(path: str | os.PathLike, hits: CellHits, conditions: Show
         columns.update(_condition_columns(cond))
     meta = _base_metadata("hits", "detector", hits.geometry, {**hits.metadata, **(metadata or {})})
     meta["num_cells"] = int(hits.num_cells)
-    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    return _write_table(path, table, row_group_size, compression)
+    return pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+
+
+class ParquetBatchWriter:
+    """Write showers (``kind="showers"``) or cell hits (``kind="hits"``) batch by batch into one
+    Parquet file, so a long generation never holds more than a batch. The file is written under
+    a hidden temporary name and appears under ``path`` only when the writer is closed without
+    error (use it as a context manager); schema and metadata are the first batch's.
+
+    ``write(batch, conditions=None)``: a :class:`Showers` batch, or :class:`CellHits` with the
+    showers (or condition dict) they belong to.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str = "showers", *, metadata: dict | None = None,
+                 row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd"):
+        if kind not in ("showers", "hits"):
+            raise ValueError(f"kind must be 'showers' or 'hits', got {kind!r}")
+        self.path, self.kind, self.metadata = Path(path), kind, metadata
+        self.row_group_size, self.compression = int(row_group_size), compression
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._writer = None
+        self._schema = None
+        self.rows = 0
+
+    def write(self, batch, conditions=None) -> None:
+        if self.kind == "showers":
+            table = _showers_table(batch, self.metadata)
+        else:
+            table = _hits_table(batch, conditions, self.metadata)
+        if self._writer is None:
+            lists = {f.name for f in table.schema if pa.types.is_list(f.type)}
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression=self.compression,
+                                            use_dictionary=[n for n in table.column_names if n not in lists])
+            self._schema = table.schema
+        else:
+            if not table.schema.remove_metadata().equals(self._schema.remove_metadata()):
+                raise ValueError(f"{self.path}: a batch has columns {table.schema.names}, the first "
+                                 f"had {self._schema.names}")
+            table = table.replace_schema_metadata(self._schema.metadata)
+        self._writer.write_table(table, row_group_size=self.row_group_size)
+        self.rows += table.num_rows
+
+    def close(self) -> Path:
+        """Finish the file and move it to ``path`` (atomic)."""
+        if self._writer is None:
+            self._atomic.__exit__(ValueError, ValueError("no batch"), None)
+            raise ValueError(f"{self.path}: no batch was written")
+        self._writer.close()
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the temporary file; nothing appears under ``path``."""
+        if self._writer is not None:
+            self._writer.close()
+        exc = exc or RuntimeError("aborted")
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> "ParquetBatchWriter":
+        return self
+
+    def __exit__(self, typ, value, tb) -> bool:
+        if typ is None:
+            self.close()
+        else:
+            self.abort(value)
+        return False
 
 
 def read_hits_parquet(path: str | os.PathLike) -> tuple[CellHits, dict[str, torch.Tensor] | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -132,8 +133,8 @@ def _fit_split(args) -> int:
 
 
 def _generate(args) -> int:
-    from pcshower.io import write_calochallenge, write_hits_parquet, write_parquet
-    from pcshower.models.generate import generate
+    from pcshower.io import ParquetBatchWriter, write_calochallenge
+    from pcshower.models.generate import generate, generate_batches
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -150,20 +151,27 @@ def _generate(args) -> int:
     for name in ("energy", "theta", "phi"):
         lo, hi = parse_range(getattr(args, name), name)
         conds[name] = rng.uniform(lo, hi, args.n) if hi > lo else np.full(args.n, lo)
-    showers = generate(conds["energy"], conds["theta"], geometry, 1, phi=conds["phi"],
-                       particle=args.particle, steps=args.steps, seed=args.seed,
-                       device=args.device, model=args.model, batch_size=args.batch_size,
-                       sampler=args.sampler, allow_extrapolation=args.allow_extrapolation,
-                       progress=not args.no_progress)
-    meta = {k: v for k, v in showers.metadata.items() if v is not None}
+    kwargs = dict(phi=conds["phi"], particle=args.particle, steps=args.steps, seed=args.seed,
+                  device=args.device, model=args.model, batch_size=args.batch_size,
+                  sampler=args.sampler, allow_extrapolation=args.allow_extrapolation,
+                  progress=not args.no_progress)
     if suffix == ".parquet":
-        write_parquet(out, showers.to("cpu"), metadata=meta)
-        written = [out]
-        if showers.hits is not None:
-            hits_path = out.with_name(out.stem + "_hits.parquet")
-            write_hits_parquet(hits_path, showers.hits, showers.to("cpu"))
-            written.append(hits_path)
+        # written pass by pass (batch_size showers): memory stays bounded by a pass however large
+        # --n is; both files appear only when complete
+        hits_path = out.with_name(out.stem + "_hits.parquet") if geometry is not None else None
+        count = 0
+        with contextlib.ExitStack() as stack:
+            points = stack.enter_context(ParquetBatchWriter(out, "showers"))
+            hits = stack.enter_context(ParquetBatchWriter(hits_path, "hits")) if hits_path else None
+            for part in generate_batches(conds["energy"], conds["theta"], geometry, 1, **kwargs):
+                cpu = part.to("cpu")
+                points.write(cpu)
+                if hits is not None:
+                    hits.write(part.hits.to("cpu"), cpu)
+                count += len(part)
+        written = [out] + ([hits_path] if hits_path else [])
     else:
+        showers = generate(conds["energy"], conds["theta"], geometry, 1, **kwargs)
         hits = showers.hits
         if hits.num_cells > 200_000:
             raise ValueError(f"geometry {args.geometry!r} has {hits.num_cells} cells: too many for "
@@ -171,5 +179,6 @@ def _generate(args) -> int:
         write_calochallenge(out, showers.energy.cpu().numpy() * 1000.0,
                             hits.to_dense().cpu().numpy())
         written = [out]
-    print(f"wrote {len(showers)} showers to {', '.join(map(str, written))}")
+        count = len(showers)
+    print(f"wrote {count} showers to {', '.join(map(str, written))}")
     return 0

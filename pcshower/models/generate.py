@@ -19,7 +19,7 @@ from pcshower.data.hits import CellHits
 from pcshower.data.showers import Showers
 from pcshower.units import deg_to_rad, particle_code, particle_name
 
-__all__ = ["generate", "load_default_model", "default_model_path", "resolve_model"]
+__all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
 
 #: Showers generated per pass when ``batch_size`` is not given (bounds memory: with at most
 #: ``max_points`` points per shower the network sees at most 1024 × max_points points at once).
@@ -77,7 +77,7 @@ def _check_range(model, energy: np.ndarray, theta: np.ndarray, allow: bool) -> N
             if not allow:
                 raise ValueError(msg + "; pass allow_extrapolation=True (CLI: --allow-extrapolation) "
                                        "to generate anyway")
-            warnings.warn(msg + "; extrapolating", stacklevel=3)
+            warnings.warn(msg + "; extrapolating", stacklevel=5)
 
 
 def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0, position=None,
@@ -102,7 +102,8 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         device: torch device (default: CUDA when available, else CPU).
         model: checkpoint path or ShowerModel (default: the model shipped with pcshower).
         batch_size: showers generated (and placed and projected) per pass: the memory bound of
-            the work, default 1024; the returned points and hits of all passes stay in memory.
+            the work, default 1024; the returned points and hits of all passes stay in memory
+            (:func:`generate_batches` yields them pass by pass instead).
         sampler: ``"heun"`` or ``"euler"`` (default: the model's).
         allow_extrapolation: warn instead of failing for conditions outside the training range.
         progress: show a tqdm progress bar over the passes.
@@ -118,8 +119,34 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         geometry: physics frame. ``showers.metadata`` records model, seed, steps and sampler.
         The ``hits`` attribute is not carried by indexing or ``Showers.concat``.
     """
-    from tqdm.auto import tqdm
+    parts = list(generate_batches(energy, angle, geometry, n, phi=phi, position=position,
+                                  particle=particle, steps=steps, seed=seed, device=device,
+                                  model=model, batch_size=batch_size, sampler=sampler,
+                                  allow_extrapolation=allow_extrapolation, progress=progress))
+    showers = Showers.concat(parts) if len(parts) > 1 else parts[0]
+    showers.metadata.update(parts[0].metadata)
+    showers.hits = CellHits.concat([p.hits for p in parts]) if parts[0].hits is not None else None
+    return showers
 
+
+def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0,
+                     position=None, particle="photon", steps: int | None = None,
+                     seed: int | None = None, device=None, model=None,
+                     batch_size: int | None = None, sampler: str | None = None,
+                     allow_extrapolation: bool = False, progress: bool = False):
+    """:func:`generate`, pass by pass: yields a ``Showers`` (with its ``hits``) per pass of
+    ``batch_size`` showers, so the caller can write each and drop it (``pcshower generate``
+    does). Arguments as for :func:`generate`; concatenated, the passes are :func:`generate`'s
+    result for the same seed and batch size. Arguments are checked before the first pass."""
+    checked = _prepare(energy, angle, geometry, n, phi=phi, position=position, particle=particle,
+                       steps=steps, seed=seed, device=device, model=model, batch_size=batch_size,
+                       sampler=sampler, allow_extrapolation=allow_extrapolation)
+    return _passes(*checked, steps=steps, sampler=sampler, progress=progress)
+
+
+def _prepare(energy, angle, geometry, n, *, phi, position, particle, steps, seed, device, model,
+             batch_size, sampler, allow_extrapolation):
+    """Checked, broadcast conditions and the model, generator and geometry of a generation."""
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -144,7 +171,7 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         msg = f"the model was trained on {names} only, not {particle_name(code)}"
         if not allow_extrapolation:
             raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=4)
     _check_range(net, e_arr, theta_arr, allow_extrapolation)
     e_arr, theta_arr, phi_arr = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr))
     total = e_arr.size
@@ -177,7 +204,14 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         from pcshower.geometry import load_geometry
 
         geom = load_geometry(geometry)
-    parts, hits = [], []
+    return net, e_arr, theta_arr, phi_arr, pos, code, gen, size, cond_phi, meta, geom
+
+
+def _passes(net, e_arr, theta_arr, phi_arr, pos, code, gen, size, cond_phi, meta, geom, *, steps,
+            sampler, progress):
+    from tqdm.auto import tqdm
+
+    total = e_arr.size
     for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
         sl = slice(start, start + size)
         part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps, sampler=sampler,
@@ -187,14 +221,11 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         if pos is not None:
             part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
                                                           device=part.device))
+        part.hits = None
         if geom is not None:  # placed and projected batch by batch: memory stays per batch
             part = _project(part, geom, gen)
-            hits.append(part.hits)
-        parts.append(part)
-    showers = Showers.concat(parts) if len(parts) > 1 else parts[0]
-    showers.metadata.update(meta)
-    showers.hits = CellHits.concat(hits) if hits else None
-    return showers
+        part.metadata.update(meta)
+        yield part
 
 
 def _project(showers: Showers, geom, generator: torch.Generator) -> Showers:
