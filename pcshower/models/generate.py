@@ -21,9 +21,12 @@ from pcshower.units import deg_to_rad, particle_code, particle_name
 
 __all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
 
-#: Showers generated per pass when ``batch_size`` is not given (bounds memory: with at most
-#: ``max_points`` points per shower the network sees at most 1024 × max_points points at once).
-DEFAULT_BATCH_SIZE = 1024
+#: Showers generated, placed and projected per pass when ``batch_size`` is not given: the
+#: memory bound. With the shipped model (x16 split, ~20-30k detector points per shower) one pass
+#: of 500 showers peaked at 4.6 GB of host memory (3000 showers in passes of 500: 5.2 GB; 600
+#: in passes of 256: 2.9 GB, all `pcshower generate --steps 1`); 256 costs nothing per shower on
+#: a CPU (docs/benchmarks.md, table 0).
+DEFAULT_BATCH_SIZE = 256
 #: Conditions within this fraction of the range's width outside the training range still count
 #: as inside: a model trained on uniform 10-100 GeV saw 10.004-99.998 GeV, and 10 and 100 GeV
 #: must be accepted.
@@ -102,7 +105,7 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         device: torch device (default: CUDA when available, else CPU).
         model: checkpoint path or ShowerModel (default: the model shipped with pcshower).
         batch_size: showers generated (and placed and projected) per pass: the memory bound of
-            the work, default 1024; the returned points and hits of all passes stay in memory
+            the work, default 256; the returned points and hits of all passes stay in memory
             (:func:`generate_batches` yields them pass by pass instead).
         sampler: ``"heun"`` or ``"euler"`` (default: the model's).
         allow_extrapolation: warn instead of failing for conditions outside the training range.
