@@ -18,8 +18,8 @@ import torch
 
 from pcshower.io._atomic import atomic_path
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_model", "CheckpointError",
-           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_model", "checkpoint_state",
+           "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "pcshower-checkpoint"
 #: Bumped whenever the layout of the dict or the meaning of a weight changes.
@@ -101,6 +101,12 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return body
 
 
+def checkpoint_state(body: dict) -> dict:
+    """The model ``state_dict`` a checkpoint dict holds (weights plus ``norm.*`` statistics):
+    the inverse of :func:`model_payload`'s split."""
+    return {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
+
+
 def load_model(path: str | os.PathLike, device=None):
     """A :class:`~pcshower.models.model.ShowerModel` in eval mode from a checkpoint file;
     its ``checkpoint_info`` holds the file's metadata (versions, metrics, data provenance)."""
@@ -109,8 +115,7 @@ def load_model(path: str | os.PathLike, device=None):
     body = read_checkpoint(path)
     try:
         model = ShowerModel(body["config"])
-        model.load_state_dict({**body["weights"],
-                               **{f"norm.{k}": v for k, v in body["normalization"].items()}})
+        model.load_state_dict(checkpoint_state(body))
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} does not match this pcshower's model "
                               f"({str(err).splitlines()[0]})") from None

@@ -95,7 +95,8 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
     import copy
 
     from pcshower.io import iter_parquet
-    from pcshower.models.checkpoint import model_payload, read_checkpoint, save_checkpoint
+    from pcshower.models.checkpoint import (checkpoint_state, model_payload, read_checkpoint,
+                                            save_checkpoint)
     from pcshower.models.model import ShowerModel
 
     if max_showers < 1:
@@ -112,7 +113,7 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
     if int(split.get("factor", 1)) < 2:
         raise ValueError("the split factor is 1: give --factor (e.g. 16) so points are split")
     fitted = ShowerModel(config)
-    state = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
+    state = checkpoint_state(body)
     state.update({k: v for k, v in fitted.state_dict().items() if k.startswith("split_spread")})
     fitted.load_state_dict(state)
     info = fitted.fit_split_spread(iter_parquet(data, batch_size=250, max_showers=max_showers),

@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from pcshower.data.showers import Showers
-from pcshower.models.checkpoint import (CheckpointError, model_payload, read_checkpoint,
-                                        save_checkpoint)
+from pcshower.models.checkpoint import (CheckpointError, checkpoint_state, model_payload,
+                                        read_checkpoint, save_checkpoint)
 from pcshower.models.model import ShowerModel, _check_physics
 
 __all__ = ["train", "load_config", "DEFAULT_TRAIN_CONFIG"]
@@ -187,8 +187,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         if body["config"] != model.config:
             raise ValueError("--resume: the model config differs from the run's config")
         model.load_state_dict(state["model"])
-        ema.load_state_dict({**body["weights"], **{f"norm.{k}": v for k, v in
-                                                  body["normalization"].items()}})
+        ema.load_state_dict(checkpoint_state(body))
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -259,7 +258,7 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
     ``refit_shape``: the flow is trained here, so shape statistics of another size (other flow
     features) may stay as measured on this data; every other statistic must fit."""
     body = read_checkpoint(path)
-    source = {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
+    source = checkpoint_state(body)
     target = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     refit = {"norm.shape_mean", "norm.shape_std"} if refit_shape else set()
