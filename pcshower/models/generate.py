@@ -80,7 +80,7 @@ def _check_range(model, energy: np.ndarray, theta: np.ndarray, allow: bool) -> N
             if not allow:
                 raise ValueError(msg + "; pass allow_extrapolation=True (CLI: --allow-extrapolation) "
                                        "to generate anyway")
-            warnings.warn(msg + "; extrapolating", stacklevel=5)
+            warnings.warn(msg + "; extrapolating", stacklevel=4)
 
 
 def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0, position=None,
@@ -126,8 +126,7 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
                                   particle=particle, steps=steps, seed=seed, device=device,
                                   model=model, batch_size=batch_size, sampler=sampler,
                                   allow_extrapolation=allow_extrapolation, progress=progress))
-    showers = Showers.concat(parts) if len(parts) > 1 else parts[0]
-    showers.metadata.update(parts[0].metadata)
+    showers = Showers.concat(parts) if len(parts) > 1 else parts[0]  # keeps the metadata
     showers.hits = CellHits.concat([p.hits for p in parts]) if parts[0].hits is not None else None
     return showers
 
@@ -140,16 +139,10 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     """:func:`generate`, pass by pass: yields a ``Showers`` (with its ``hits``) per pass of
     ``batch_size`` showers, so the caller can write each and drop it (``pcshower generate``
     does). Arguments as for :func:`generate`; concatenated, the passes are :func:`generate`'s
-    result for the same seed and batch size. Arguments are checked before the first pass."""
-    checked = _prepare(energy, angle, geometry, n, phi=phi, position=position, particle=particle,
-                       steps=steps, seed=seed, device=device, model=model, batch_size=batch_size,
-                       sampler=sampler, allow_extrapolation=allow_extrapolation)
-    return _passes(*checked, steps=steps, sampler=sampler, progress=progress)
+    result for the same seed and batch size. Arguments are checked before the first pass (this
+    function is not itself a generator: it returns one)."""
+    from tqdm.auto import tqdm
 
-
-def _prepare(energy, angle, geometry, n, *, phi, position, particle, steps, seed, device, model,
-             batch_size, sampler, allow_extrapolation):
-    """Checked, broadcast conditions and the model, generator and geometry of a generation."""
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -174,7 +167,7 @@ def _prepare(energy, angle, geometry, n, *, phi, position, particle, steps, seed
         msg = f"the model was trained on {names} only, not {particle_name(code)}"
         if not allow_extrapolation:
             raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
-        warnings.warn(msg, stacklevel=4)
+        warnings.warn(msg, stacklevel=3)
     _check_range(net, e_arr, theta_arr, allow_extrapolation)
     e_arr, theta_arr, phi_arr = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr))
     total = e_arr.size
@@ -207,28 +200,24 @@ def _prepare(energy, angle, geometry, n, *, phi, position, particle, steps, seed
         from pcshower.geometry import load_geometry
 
         geom = load_geometry(geometry)
-    return net, e_arr, theta_arr, phi_arr, pos, code, gen, size, cond_phi, meta, geom
 
+    def passes():
+        for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
+            sl = slice(start, start + size)
+            part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps, sampler=sampler,
+                              generator=gen, cond_phi=cond_phi)
+            part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
+                                                     device=part.device))
+            if pos is not None:
+                part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
+                                                              device=part.device))
+            part.hits = None
+            if geom is not None:  # placed and projected batch by batch: memory stays per batch
+                part = _project(part, geom, gen)
+            part.metadata.update(meta)
+            yield part
 
-def _passes(net, e_arr, theta_arr, phi_arr, pos, code, gen, size, cond_phi, meta, geom, *, steps,
-            sampler, progress):
-    from tqdm.auto import tqdm
-
-    total = e_arr.size
-    for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
-        sl = slice(start, start + size)
-        part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps, sampler=sampler,
-                          generator=gen, cond_phi=cond_phi)
-        part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
-                                                 device=part.device))
-        if pos is not None:
-            part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
-                                                          device=part.device))
-        part.hits = None
-        if geom is not None:  # placed and projected batch by batch: memory stays per batch
-            part = _project(part, geom, gen)
-        part.metadata.update(meta)
-        yield part
+    return passes()
 
 
 def _project(showers: Showers, geom, generator: torch.Generator) -> Showers:
