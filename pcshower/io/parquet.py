@@ -112,15 +112,17 @@ def _condition_columns(conditions: dict[str, np.ndarray]) -> dict[str, pa.Array]
     return cols
 
 
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns to dictionary-encode: never pays for the continuous per-point lists and costs
+    write time; it still serves the repetitive scalar conditions (particle, fixed angles)."""
+    return [f.name for f in schema if not pa.types.is_list(f.type)]
+
+
 def _write_table(path, table: pa.Table, row_group_size: int, compression: str) -> Path:
     path = Path(path)
-    # Dictionary encoding never pays for continuous floats and costs write time; it still
-    # serves the repetitive scalar conditions (particle, angles of a fixed-angle set).
-    list_columns = [f.name for f in table.schema if pa.types.is_list(f.type)]
-    scalar_columns = [n for n in table.column_names if n not in list_columns]
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression,
-                       use_dictionary=scalar_columns)
+                       use_dictionary=_dictionary_columns(table.schema))
     return path
 
 
@@ -352,9 +354,8 @@ class ParquetBatchWriter:
         else:
             table = _hits_table(batch, conditions, self.metadata)
         if self._writer is None:
-            lists = {f.name for f in table.schema if pa.types.is_list(f.type)}
             self._writer = pq.ParquetWriter(self._tmp, table.schema, compression=self.compression,
-                                            use_dictionary=[n for n in table.column_names if n not in lists])
+                                            use_dictionary=_dictionary_columns(table.schema))
             self._schema = table.schema
         else:
             if not table.schema.remove_metadata().equals(self._schema.remove_metadata()):
