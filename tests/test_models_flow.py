@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pcshower.models.calibration import calibrate_points
-from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, largest_remainder
+from pcshower.models.showerflow import (ShapeCodec, ShowerFlow, ShowerShape, largest_remainder,
+                                        slice_edges)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,3 +157,28 @@ def test_calibration_matches_sampled_slice_and_ring_energies_together():
     assert (got.ring_energy - rings).abs().max() < 0.02, got.ring_energy
     before = codec.measure(calibrate_points(pts, ptr, target, edges), batch, 2).ring_energy
     assert (before - rings).abs().max() > 0.1  # without rings they were far off
+
+
+def test_centred_slices_hold_whole_layers_of_merged_points():
+    """Points merged on voxels of depth 1 X0 lie near integer depths; centred slices keep each such
+    layer in one slice, edges at the integers cut it in two."""
+    from pcshower.data import Showers
+    from pcshower.simulate.reduce import reduce_points
+
+    assert torch.equal(slice_edges(4, 8.0), torch.tensor([0.0, 2.0, 4.0, 6.0, 8.0]))
+    assert torch.equal(slice_edges(4, 8.0, centred=True), torch.tensor([0.0, 1.0, 3.0, 5.0, 7.0]))
+    with pytest.raises(ValueError, match="num >= 1"):
+        slice_edges(0, 8.0)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    torch.manual_seed(0)  # torch.distributions draw from the global generator
+    z = torch.distributions.Gamma(4.0, 0.5).sample((n,)).clamp_max(29.0)
+    pts = torch.stack([torch.randn(n, generator=g) * 0.3, torch.randn(n, generator=g) * 0.3, z,
+                       torch.full((n,), 1.0 / n)], 1)
+    merged = reduce_points(Showers.from_counts(pts, torch.tensor([n]), torch.tensor([50.0])), (0.25, 0.25, 1.0))
+    layer = torch.round(merged.points[:, 2].double()).long()
+    centred = ShapeCodec(slice_edges(30, 30.0, centred=True)).slice_of(merged.points[:, 2])
+    assert torch.equal(centred, layer.clamp_max(29))
+    plain = ShapeCodec(slice_edges(30, 30.0)).slice_of(merged.points[:, 2])
+    split = [int(plain[layer == k].unique().numel()) for k in range(2, 15)]
+    assert max(split) == 2  # the integer edges cut merged layers in two

@@ -170,9 +170,27 @@ def test_flow_only_stage_keeps_the_point_network(tmp_path):
     s = ringed.sample(torch.tensor([50.0, 20.0]), torch.tensor([1.2, 1.0]), torch.zeros(2), steps=1,
                       generator=torch.Generator().manual_seed(0))
     assert len(s) == 2 and bool(torch.isfinite(s.points).all())
-    with pytest.raises(ValueError, match="normalisation does not fit"):  # the points need theirs
+    with pytest.raises(ValueError, match="add 'flow' to train.parts"):  # new features, no flow
         train({**cfg3, "train": {**cfg3["train"], "parts": ["points"]}}, showers, tmp_path / "four",
               progress=False, init_from=tmp_path / "one" / "model.pt")
+    # centred slices: as many flow features as before, but other ones, so neither the flow nor
+    # its shape statistics are copied (a flow trained on the old features is no start)
+    cfg5 = {"model": {**TINY_MODEL, "slices": {**TINY_MODEL["slices"], "centred": True}},
+            "train": {**cfg["train"], "parts": ["flow"], "steps": 1}}
+    train(cfg5, showers, tmp_path / "five", progress=False, init_from=tmp_path / "one" / "model.pt")
+    five = read_checkpoint(tmp_path / "five" / "model.pt")
+    assert five["provenance"]["init_from"]["new_shape_features"] == ["slices"]
+    assert five["normalization"]["shape_mean"].shape == one["normalization"]["shape_mean"].shape
+    assert not torch.equal(five["normalization"]["shape_mean"], one["normalization"]["shape_mean"])
+    # the same step from scratch (same seed): identical flow, so nothing of the old one was kept
+    train(cfg5, showers, tmp_path / "six", progress=False)
+    six = read_checkpoint(tmp_path / "six" / "model.pt")
+    for k in (k for k in six["weights"] if k.startswith("flow.")):
+        assert torch.equal(five["weights"][k], six["weights"][k]), k
+    assert torch.equal(five["normalization"]["shape_std"], six["normalization"]["shape_std"])
+    for k, v in one["weights"].items():
+        if k.startswith("points_net."):
+            assert torch.equal(v, five["weights"][k]), k
     with pytest.raises(ValueError, match="train.parts"):
         train({"model": TINY_MODEL, "train": {"parts": ["decoder"]}}, showers, tmp_path / "x",
               progress=False)

@@ -19,7 +19,7 @@ from pcshower.data.showers import Showers
 from pcshower.models.calibration import calibrate_points
 from pcshower.models.edm import EDM
 from pcshower.models.samplers import SAMPLERS, karras_sigmas
-from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape
+from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, slice_edges
 from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, measure_voxel_spread,
                                    split_points, spread_boxes)
 from pcshower.nn.epic import EPiCNetwork
@@ -28,7 +28,10 @@ __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"
 
 #: Model hyper-parameters; a YAML config's ``model:`` section overrides any of them.
 DEFAULT_MODEL_CONFIG = {
-    "slices": {"num": 30, "z_max_x0": 30.0},
+    # depth slices of width z_max_x0 / num for the flow's per-slice energies and point counts;
+    # centred: slice k centred on depth k * width (the depths of points merged on voxels of
+    # that depth, see showerflow.slice_edges) rather than starting there
+    "slices": {"num": 30, "z_max_x0": 30.0, "centred": False},
     "fraction_eps": 1.0e-3,
     # inner edges (R_M) of rings about the axis whose energy fractions the flow samples and the
     # calibration matches (CaloClouds' per-layer calibration, extended to the radial direction);
@@ -96,7 +99,8 @@ class ShowerModel(nn.Module):
         super().__init__()
         self.config = merge_config(DEFAULT_MODEL_CONFIG, config)
         cfg = self.config
-        edges = torch.linspace(0.0, float(cfg["slices"]["z_max_x0"]), int(cfg["slices"]["num"]) + 1)
+        sl = cfg["slices"]
+        edges = slice_edges(int(sl["num"]), float(sl["z_max_x0"]), bool(sl["centred"]))
         self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"])
         self.edm = EDM(**cfg["edm"])
         self.norm = Normalization(self.codec.num_features)

@@ -27,7 +27,27 @@ from torch import nn
 
 from pcshower.nn.pooling import segment_sum
 
-__all__ = ["ShowerShape", "ShapeCodec", "ShowerFlow"]
+__all__ = ["ShowerShape", "ShapeCodec", "ShowerFlow", "slice_edges"]
+
+
+def slice_edges(num: int, z_max_x0: float, centred: bool = False) -> torch.Tensor:
+    """``[num + 1]`` depth-slice edges (X0) of width ``w = z_max_x0 / num``.
+
+    ``centred=False``: ``0, w, 2w, ..., z_max_x0``. ``centred=True``: slice ``k`` is centred on
+    the depth ``k w`` (edges ``0, w/2, 3w/2, ..., (num - 1/2) w``), the depths at which
+    :func:`~pcshower.simulate.reduce_points` with ``dz = w`` puts its merged points (its voxels
+    are centred on multiples of ``dz``). Edges that fall on that lattice instead cut each layer of
+    merged points in two at random (a centroid lies just above or just below the edge), so the
+    measured slice energies mix neighbouring layers and the calibration piles points onto the
+    edges.
+    """
+    if int(num) < 1 or not float(z_max_x0) > 0:
+        raise ValueError(f"slices need num >= 1 and z_max_x0 > 0, got {num} and {z_max_x0}")
+    w = float(z_max_x0) / int(num)
+    edges = torch.arange(int(num) + 1, dtype=torch.float64) * w
+    if centred:
+        edges[1:] -= 0.5 * w
+    return edges.to(torch.float32)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import yaml
 from pcshower.data.showers import Showers
 from pcshower.models.checkpoint import (CheckpointError, checkpoint_state, model_payload,
                                         read_checkpoint, save_checkpoint)
-from pcshower.models.model import ShowerModel, _check_physics
+from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, _check_physics, merge_config
 
 __all__ = ["train", "load_config", "DEFAULT_TRAIN_CONFIG"]
 
@@ -253,12 +253,27 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     return metrics
 
 
+#: Model config keys that define the flow's features: a flow trained on others is no start.
+_SHAPE_KEYS = ("slices", "rings", "fraction_eps")
+
+
 def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
     """Copy normalisation and every matching weight of checkpoint ``path`` into ``model``.
     ``refit_shape``: the flow is trained here, so shape statistics of another size (other flow
-    features) may stay as measured on this data; every other statistic must fit."""
+    features) may stay as measured on this data; every other statistic must fit. If the
+    checkpoint's flow features differ (other ``slices``, ``rings`` or ``fraction_eps``), neither
+    its flow nor its shape statistics are copied (the flow then needs training: ``refit_shape``)."""
     body = read_checkpoint(path)
     source = checkpoint_state(body)
+    theirs = merge_config(DEFAULT_MODEL_CONFIG, body["config"])
+    new_features = [k for k in _SHAPE_KEYS if theirs[k] != model.config[k]]
+    if new_features:
+        if not refit_shape:
+            raise ValueError(f"init_from {path}: its flow samples other shape features "
+                             f"({', '.join(new_features)} differ), so the flow must be trained: "
+                             f"add 'flow' to train.parts")
+        source = {k: v for k, v in source.items()
+                  if not k.startswith("flow.") and k not in ("norm.shape_mean", "norm.shape_std")}
     target = model.state_dict()
     loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     refit = {"norm.shape_mean", "norm.shape_std"} if refit_shape else set()
@@ -267,7 +282,8 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
         raise ValueError(f"init_from {path}: its normalisation does not fit this model ({missing})")
     model.load_state_dict(loaded, strict=False)
     return {"path": str(path), "sha256": body["sha256"], "tensors_loaded": len(loaded),
-            "tensors_total": len(target), "metrics": body.get("metrics", {})}
+            "tensors_total": len(target), "new_shape_features": new_features,
+            "metrics": body.get("metrics", {})}
 
 
 def _device_gen(gen: torch.Generator, device: torch.device):
