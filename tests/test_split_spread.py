@@ -117,7 +117,7 @@ def test_fit_split_writes_a_checkpoint_with_the_table_and_the_same_weights(tmp_p
                      factor=16, max_showers=4, progress=False)
     assert info["showers"] == 4
     new = load_model(tmp_path / "s.pt")
-    assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True}
+    assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True, "snap_depth": False}
     assert int(new.split_spread_showers) == 4
     assert new.checkpoint_info["provenance"]["data_path"] == "x"
     assert new.checkpoint_info["provenance"]["split_spread"]["showers"] == 4
@@ -128,3 +128,39 @@ def test_fit_split_writes_a_checkpoint_with_the_table_and_the_same_weights(tmp_p
     with pytest.raises(ValueError, match="split.box"):
         fit_split(str(tmp_path / "nobox.pt"), str(tmp_path / "fine.parquet"), str(tmp_path / "x.pt"),
                   progress=False)
+
+
+def test_snap_depth_puts_points_at_the_measured_depth_of_the_training_points(tmp_path):
+    """With slices centred on the grid's depth planes, fit-split --snap-depth measures the
+    energy-weighted mean depth of the grid's voxel centroids (the training points) per slice, and
+    generation puts every point of a slice there before the split."""
+    centred = {**SMALL, "slices": {"num": 10, "z_max_x0": 10.0, "centred": True}}
+    fine = fine_showers(4)
+    merged = reduce_points(fine, GRID)
+    model = ShowerModel({**centred, "split": {**SMALL["split"], "snap_depth": True}})
+    z, e = merged.points[:, 2].double(), merged.points[:, 3].double()
+    k = model.codec.slice_of(merged.points[:, 2])
+    expect = (torch.zeros(10, dtype=torch.float64).index_add_(0, k, e * z)
+              / torch.zeros(10, dtype=torch.float64).index_add_(0, k, e).clamp_min(1e-30))
+    filled = torch.bincount(k, minlength=10) > 0
+    model.fit_split_spread(fine, progress=False)
+    assert torch.allclose(model.slice_depth.double()[filled], expect[filled], atol=1e-5)
+    assert float(model.slice_depth[0]) == 0.25  # no training point in [0, 0.5): its middle
+    # generation: every calibrated point of a slice at that depth (zero boxes: no split spread)
+    model.split_spread.zero_()
+    pts = merged.points.clone()
+    pts[:, 2] += 0.3 * (torch.rand(len(pts), generator=torch.Generator().manual_seed(1)) - 0.5)
+    shape = model.codec.measure(pts, merged.batch, len(merged))
+    out, _ = model.postprocess(pts, merged.ptr, shape, torch.Generator().manual_seed(0))
+    assert set(out[:, 2].unique().tolist()) <= set(model.slice_depth.tolist())
+    # the command line sets it and stores the depths
+    save_checkpoint(tmp_path / "m.pt", model_payload(ShowerModel(centred)))
+    write_parquet(tmp_path / "fine.parquet", fine)
+    fit_split(str(tmp_path / "m.pt"), str(tmp_path / "fine.parquet"), str(tmp_path / "s.pt"),
+              snap_depth=True, progress=False)
+    snapped = load_model(tmp_path / "s.pt")
+    assert snapped.config["split"]["snap_depth"] is True
+    assert torch.allclose(snapped.slice_depth.double()[filled], expect[filled], atol=1e-5)
+    assert len(snapped.checkpoint_info["provenance"]["split_spread"]["slice_depth"]) == 10
+    with pytest.raises(ValueError, match="snap_depth needs"):  # slices not on the grid's planes
+        ShowerModel({**SMALL, "split": {**SMALL["split"], "snap_depth": True}})

@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help="sub-points per generated point (default: the model's split.factor)")
     f.add_argument("--max-showers", type=int, default=2000,
                    help="showers to measure on (default 2000)")
+    f.add_argument("--snap-depth", action="store_true",
+                   help="also measure the mean depth of the training points per slice and put "
+                        "every generated point there (split.snap_depth; needs slices.centred)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fit_split)
 
@@ -88,9 +91,10 @@ def _train(args) -> int:
 
 
 def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
-              max_showers: int = 2000, progress: bool = True) -> dict:
+              max_showers: int = 2000, snap_depth: bool | None = None, progress: bool = True) -> dict:
     """Copy of checkpoint ``model`` with its split spread table measured on ``data`` (Parquet,
-    physics frame, finer than the training grid), written to ``out``. Returns the measurement
+    physics frame, finer than the training grid), written to ``out``; ``snap_depth`` sets
+    ``split.snap_depth`` (the slices' depths are then measured too). Returns the measurement
     info (also stored in the checkpoint's provenance under ``split_spread``)."""
     import copy
 
@@ -110,24 +114,29 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
     split["spread"] = True
     if factor is not None:
         split["factor"] = int(factor)
+    if snap_depth is not None:
+        split["snap_depth"] = bool(snap_depth)
     if int(split.get("factor", 1)) < 2:
         raise ValueError("the split factor is 1: give --factor (e.g. 16) so points are split")
     fitted = ShowerModel(config)
     state = checkpoint_state(body)
-    state.update({k: v for k, v in fitted.state_dict().items() if k.startswith("split_spread")})
+    state.update({k: v for k, v in fitted.state_dict().items()
+                  if k.startswith("split_spread") or k == "slice_depth"})
     fitted.load_state_dict(state)
     info = fitted.fit_split_spread(iter_parquet(data, batch_size=250, max_showers=max_showers),
                                    progress=progress)
     provenance = dict(body.get("provenance") or {})
     provenance["split_spread"] = {"data": str(data), "factor": int(split["factor"]),
-                                  **{k: info[k] for k in ("showers", "voxels", "points", "grid")}}
+                                  **{k: info[k] for k in ("showers", "voxels", "points", "grid",
+                                                          "slice_depth") if k in info}}
     save_checkpoint(out, model_payload(fitted, metrics=body.get("metrics"), provenance=provenance))
     return info
 
 
 def _fit_split(args) -> int:
     info = fit_split(args.model, args.data, args.out, factor=args.factor,
-                     max_showers=args.max_showers, progress=not args.no_progress)
+                     max_showers=args.max_showers, snap_depth=args.snap_depth or None,
+                     progress=not args.no_progress)
     print(f"measured the voxel spread on {info['showers']} showers ({info['voxels']} voxels of "
           f"{info['grid']}); wrote {args.out}")
     return 0

@@ -58,7 +58,10 @@ DEFAULT_MODEL_CONFIG = {
     # merged on the grid `box` = [dx, dy, dz] (R_M, R_M, X0). spread: false uses that box for
     # every point; true looks the box up per point in a table measured on finer data
     # (ShowerModel.fit_split_spread, `pcshower fit-split`; pcshower/models/split.py).
-    "split": {"factor": 1, "box": None, "spread": False},
+    # snap_depth: true puts every calibrated point at the mean depth of the training points in
+    # its slice (measured with the spread table): for slices centred on the grid's depth planes,
+    # which the training points lie on and the network does not resolve
+    "split": {"factor": 1, "box": None, "spread": False, "snap_depth": False},
 }
 
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
@@ -127,6 +130,14 @@ class ShowerModel(nn.Module):
             self.register_buffer("split_spread", table)
             # showers the table was measured on (0: not measured, the uniform box is used)
             self.register_buffer("split_spread_showers", torch.tensor(0, dtype=torch.int64))
+        if sc["snap_depth"]:
+            width = float(sl["z_max_x0"]) / int(sl["num"])
+            if not (sc["spread"] and sl["centred"] and math.isclose(width, float(sc["box"][2]))):
+                raise ValueError("split.snap_depth needs a measured split (split.spread) and depth "
+                                 "slices centred on the training grid's planes (slices.centred, "
+                                 f"slice width {width} X0 = the grid's dz {sc['box'][2]})")
+            # the slices' middles until measured with the spread table
+            self.register_buffer("slice_depth", 0.5 * (edges[:-1] + edges[1:]))
 
     # ------------------------------------------------------------------ normalisation
     @torch.no_grad()
@@ -223,6 +234,9 @@ class ShowerModel(nn.Module):
         then the configured sub-voxel split. Returns ``(points, ptr)``."""
         points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges)
         sc = self.config["split"]
+        if sc["snap_depth"]:
+            depth = self.slice_depth.to(points.device, points.dtype)
+            points[:, 2] = depth[self.codec.slice_of(points[:, 2])]
         box = sc["box"]
         if sc["spread"]:
             if int(self.split_spread_showers) == 0:
@@ -240,8 +254,12 @@ class ShowerModel(nn.Module):
         if not self.config["split"]["spread"]:
             raise ValueError("this model's config has split.spread: false; set it (with a split "
                              "factor and box) to use a measured spread table")
-        table, info = measure_voxel_spread(showers, self.config["split"]["box"], progress=progress)
+        snap = bool(self.config["split"]["snap_depth"])
+        table, info = measure_voxel_spread(showers, self.config["split"]["box"], progress=progress,
+                                           slice_edges=self.codec.z_edges if snap else None)
         self.split_spread.copy_(table)
+        if snap:
+            self.slice_depth.copy_(torch.tensor(info["slice_depth"]))
         self.split_spread_showers.fill_(int(info["showers"]))
         return info
 

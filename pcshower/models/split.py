@@ -121,7 +121,8 @@ def _voxel_keys(points: torch.Tensor, batch: torch.Tensor, grid) -> torch.Tensor
 
 
 def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREAD_Z_EDGES,
-                         batch_size: int = 250, progress: bool = True) -> tuple[torch.Tensor, dict]:
+                         slice_edges=None, batch_size: int = 250,
+                         progress: bool = True) -> tuple[torch.Tensor, dict]:
     """The within-voxel spread of ``grid`` measured on physics-frame showers finer than it.
 
     Args:
@@ -135,7 +136,9 @@ def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREA
     info)``: the table holds ``sqrt(12 var)`` transversely (x and y pooled) and in depth, the
     side of the uniform box with that variance; bins no voxel fell in take the value of the
     nearest filled radius bin at that depth (or nearest depth). ``info`` holds the showers,
-    voxels and points used and the energy per bin.
+    voxels and points used and the energy per bin; with ``slice_edges`` (a model's depth-slice
+    edges, X0, the last slice open) also ``slice_depth``: the energy-weighted mean depth of the
+    voxel centroids (the training points) in each slice (the slice's middle where none fell).
     """
     grid = tuple(float(g) for g in grid)
     if len(grid) != 3 or not all(math.isfinite(g) and g > 0 for g in grid):
@@ -145,6 +148,10 @@ def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREA
     var_t = torch.zeros_like(weight)
     var_z = torch.zeros_like(weight)
     counts = {"showers": 0, "voxels": 0, "points": 0}
+    if slice_edges is not None:
+        slice_edges = torch.as_tensor(slice_edges, dtype=torch.float64)
+        slice_e = torch.zeros(slice_edges.numel() - 1, dtype=torch.float64)
+        slice_ez = torch.zeros_like(slice_e)
     batches = showers.split(batch_size) if hasattr(showers, "split") else showers
     for sh in tqdm(batches, desc="voxel spread", unit="batch", disable=not progress):
         if sh.frame != "physics":
@@ -171,6 +178,10 @@ def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREA
         weight.index_add_(0, cell, ev[keep])
         var_t.index_add_(0, cell, ev[keep] * 0.5 * (var[keep, 0] + var[keep, 1]))
         var_z.index_add_(0, cell, ev[keep] * var[keep, 2])
+        if slice_edges is not None:
+            k = torch.bucketize(mean[keep, 2].contiguous(), slice_edges[1:-1], right=True)
+            slice_e.index_add_(0, k, ev[keep])
+            slice_ez.index_add_(0, k, ev[keep] * mean[keep, 2])
         counts["showers"] += len(sh)
         counts["voxels"] += int(keep.sum())
         counts["points"] += p.shape[0]
@@ -181,6 +192,10 @@ def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREA
     table = (12.0 * table).sqrt().reshape(nr, nz, 2)
     table = _fill_empty(table, filled)
     info = dict(counts, grid=list(grid), energy_per_bin=weight.reshape(nr, nz).tolist())
+    if slice_edges is not None:
+        middle = 0.5 * (slice_edges[:-1] + slice_edges[1:])
+        depth = torch.where(slice_e > 0, slice_ez / slice_e.clamp_min(1e-300), middle)
+        info["slice_depth"] = depth.tolist()
     return table.to(torch.float32), info
 
 
