@@ -158,14 +158,12 @@ def test_flow_only_stage_keeps_the_point_network(tmp_path):
         assert torch.equal(v, two["normalization"][k]), k
     assert two["provenance"]["init_from"]["sha256"] == one["sha256"]
     assert load_model(tmp_path / "two" / "model.pt").config["flow"]["passes"] == 2
-    # a new flow with ring features (energy and point fractions): its shape statistics are
-    # measured on the data (they cannot come from the init checkpoint), the point network's and
-    # the conditions' are copied
-    cfg3 = {"model": {**TINY_MODEL, "rings": [0.5, 1.0], "ring_points": True},
-            "train": {**cfg["train"], "parts": ["flow"]}}
+    # a new flow with ring features: its shape statistics are measured on the data (they cannot
+    # come from the init checkpoint), the point network's and the conditions' are copied
+    cfg3 = {"model": {**TINY_MODEL, "rings": [0.5, 1.0]}, "train": {**cfg["train"], "parts": ["flow"]}}
     train(cfg3, showers, tmp_path / "three", progress=False, init_from=tmp_path / "one" / "model.pt")
     three = read_checkpoint(tmp_path / "three" / "model.pt")
-    assert three["normalization"]["shape_mean"].numel() == one["normalization"]["shape_mean"].numel() + 6
+    assert three["normalization"]["shape_mean"].numel() == one["normalization"]["shape_mean"].numel() + 3
     for k in ("point_mean", "point_std", "cond_stats", "ranges"):
         assert torch.equal(one["normalization"][k], three["normalization"][k]), k
     ringed = load_model(tmp_path / "three" / "model.pt")

@@ -5,9 +5,6 @@ per-layer point counts and energies follow the flow. In the physics frame there 
 pcshower does it per depth slice: (1) the points of each shower, sorted in depth, are dealt to the
 slices in the sampled counts; a point outside its slice moves to the nearest depth inside it
 (order in depth is kept);
-(1b) for a model that counts points in rings about the axis, the points move radially (a monotone,
-piecewise-linear map of each shower's distances from the axis, angles kept) so that each ring
-holds the sampled number of points;
 (2) point energies are scaled per slice to the sampled slice energy (and, for a model with rings,
 alternately per ring about the axis to the sampled ring energy), then per shower to the sampled
 visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
@@ -59,8 +56,6 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     hi = torch.where(slice_id == s - 1, torch.full_like(lo, float("inf")), edges[1:][slice_id])
     below_hi = hi - 1e-4 * (edges[1:] - edges[:-1])[slice_id]
     pts[:, 2] = torch.minimum(torch.maximum(pts[:, 2], lo), below_hi)
-    if r_edges is not None and shape.ring_points is not None:
-        _match_ring_counts(pts, batch, shape.ring_points, r_edges)
     # (2) energies: per slice, then per shower (slices that got no point lose their share)
     e = pts[:, 3].double()
     evis = shape.visible_energy.double()[:, None]
@@ -85,55 +80,3 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     shift = (shape.cog[:, :2].double() - cog).to(pts.dtype)
     pts[:, :2] = pts[:, :2] + shift[batch]
     return pts
-
-
-def _match_ring_counts(pts: torch.Tensor, batch: torch.Tensor, ring_points: torch.Tensor,
-                       r_edges: torch.Tensor) -> None:
-    """Move ``pts`` (in place) radially so that shower ``b`` has ``ring_points[b, j]`` points in
-    ring ``j`` (edges ``r_edges``, the last ring open).
-
-    Per shower the map of the distance r from the axis is monotone and piecewise linear: with the
-    radii sorted, edge ``j`` is anchored at ``a_j``, the edge itself clamped between the radius of
-    the last point that must lie inside it and the first that must lie outside (so where the
-    counts already agree the map is the identity), ``[a_j, a_j+1]`` maps linearly onto
-    ``[edge_j, edge_j+1]`` and beyond the last anchor the radii shift by ``edge - a``. Order in
-    r and each point's angle are kept.
-    """
-    b, k = ring_points.shape
-    if pts.shape[0] == 0:
-        return
-    dev = pts.device
-    r = torch.hypot(pts[:, 0], pts[:, 1]).double()
-    order = torch.argsort(r, stable=True)
-    order = order[torch.argsort(batch[order], stable=True)]
-    rs, bs = r[order], batch[order]
-    counts = torch.bincount(batch, minlength=b)
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(rs.numel(), device=dev) - start[bs]
-    cum = torch.cumsum(ring_points.to(dev), 1)[:, :-1]  # [b, k-1] points inside each edge
-    last = (start + counts - 1).clamp(min=0)[:, None]
-    inner = torch.where(cum > 0, rs[(start[:, None] + cum - 1).clamp(max=rs.numel() - 1)],
-                        torch.zeros_like(cum, dtype=rs.dtype))
-    outer = torch.where(cum < counts[:, None], rs[torch.minimum(start[:, None] + cum, last)],
-                        torch.full_like(cum, float("inf"), dtype=rs.dtype))
-    edges = r_edges.to(dev, torch.float64)
-    anchor = torch.minimum(torch.maximum(edges.expand_as(inner), inner), outer)
-    zero = torch.zeros(b, 1, dtype=rs.dtype, device=dev)
-    a = torch.cat([zero, anchor], 1)                       # [b, k] lower anchor of each ring
-    e = torch.cat([zero[:1, :1].reshape(1), edges])        # [k] lower edge of each ring
-    ring = (cum[bs] <= rank[:, None]).sum(1)               # target ring of each sorted point
-    a_lo = a[bs, ring]
-    e_lo = e[ring]
-    inner_ring = ring < k - 1
-    nxt = (ring + 1).clamp(max=k - 1)
-    a_hi, e_hi = a[bs, nxt], e[nxt]
-    span = a_hi - a_lo
-    stretched = e_lo + (rs - a_lo) * (e_hi - e_lo) / span.clamp(min=1e-12)
-    stretched = torch.where(span > 1e-12, stretched, 0.5 * (e_lo + e_hi))
-    stretched = torch.minimum(stretched, e_hi - 1e-5 * (e_hi - e_lo))  # stay inside the ring
-    new_r = torch.where(inner_ring, stretched, e_lo + (rs - a_lo)).clamp(min=0)
-    new_r = torch.maximum(new_r, e_lo * (1 + 1e-5))  # (margins: float32 round-off at the edges)
-    scale = torch.where(rs > 0, new_r / rs.clamp(min=1e-300), torch.zeros_like(rs))
-    xy = pts[order, :2].double() * scale[:, None]
-    xy[:, 0] = torch.where(rs > 0, xy[:, 0], new_r)  # a point on the axis leaves along +x
-    pts[order, :2] = xy.to(pts.dtype)

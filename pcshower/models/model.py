@@ -37,10 +37,6 @@ DEFAULT_MODEL_CONFIG = {
     # calibration matches (CaloClouds' per-layer calibration, extended to the radial direction);
     # None: no rings
     "rings": None,
-    # the flow also samples the number of points per ring, and the calibration moves the points
-    # radially to match (needs rings): the network's points are otherwise right in energy per
-    # ring but too few and too hot in the halo (fewer cells over threshold)
-    "ring_points": False,
     # passes: None = fully autoregressive (sampling costs one network pass per feature);
     # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
     "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
@@ -108,7 +104,7 @@ class ShowerModel(nn.Module):
         cfg = self.config
         sl = cfg["slices"]
         edges = slice_edges(int(sl["num"]), float(sl["z_max_x0"]), bool(sl["centred"]))
-        self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"], bool(cfg["ring_points"]))
+        self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"])
         self.edm = EDM(**cfg["edm"])
         self.norm = Normalization(self.codec.num_features)
         fc = cfg["flow"]

@@ -62,8 +62,6 @@ class ShowerShape:
         slice_points: ``[B, S]`` int64 number of points in each depth slice.
         ring_energy: ``[B, R]`` fraction of the visible energy in each ring about the shower
             axis (``None`` for a codec without rings).
-        ring_points: ``[B, R]`` int64 number of points in each ring (``None`` unless the codec
-            counts them).
     """
 
     num_points: torch.Tensor
@@ -72,13 +70,12 @@ class ShowerShape:
     slice_energy: torch.Tensor
     slice_points: torch.Tensor
     ring_energy: torch.Tensor | None = None
-    ring_points: torch.Tensor | None = None
 
 
 class ShapeCodec:
     """Measures a :class:`ShowerShape` on physics-frame points and maps it to and from the flow's
-    real-valued feature vector ``[B, 5 + 2S + R (+ R)]`` (log N, log E_vis, CoG x/y/z, slice
-    energy fractions, slice point fractions, ring energy fractions, ring point fractions).
+    real-valued feature vector ``[B, 5 + 2S + R]`` (log N, log E_vis, CoG x/y/z, slice energy
+    fractions, slice point fractions, ring energy fractions).
 
     Args:
         z_edges: ``[S+1]`` depth-slice edges in X0; points outside go to the first/last slice.
@@ -86,11 +83,9 @@ class ShapeCodec:
         r_edges: inner edges (R_M, increasing, > 0) of rings about the shower axis, whose energy
             fractions the flow also samples (``R = len(r_edges) + 1`` rings, the last one
             open); ``None``: no rings.
-        ring_points: also the fraction of the points in each ring (needs ``r_edges``).
     """
 
-    def __init__(self, z_edges: torch.Tensor, eps: float = 1e-3, r_edges=None,
-                 ring_points: bool = False):
+    def __init__(self, z_edges: torch.Tensor, eps: float = 1e-3, r_edges=None):
         self.z_edges = torch.as_tensor(z_edges, dtype=torch.float32)
         self.eps = float(eps)
         self.r_edges = None
@@ -101,9 +96,6 @@ class ShapeCodec:
                 raise ValueError(f"ring edges must be increasing positive numbers (R_M), got "
                                  f"{list(r_edges)!r}")
             self.r_edges = r
-        if ring_points and self.r_edges is None:
-            raise ValueError("ring point counts need rings: give ring edges (model config 'rings')")
-        self.ring_points = bool(ring_points)
 
     @property
     def num_slices(self) -> int:
@@ -115,7 +107,7 @@ class ShapeCodec:
 
     @property
     def num_features(self) -> int:
-        return 5 + 2 * self.num_slices + self.num_rings * (2 if self.ring_points else 1)
+        return 5 + 2 * self.num_slices + self.num_rings
 
     def slice_of(self, z: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(z.contiguous(), self.z_edges[1:-1].to(z.device, z.dtype), right=True)
@@ -135,16 +127,13 @@ class ShapeCodec:
         group = batch * s + self.slice_of(points[:, 2])
         slice_e = segment_sum(e, group, num_showers * s).view(num_showers, s)
         slice_n = torch.bincount(group, minlength=num_showers * s).view(num_showers, s)
-        rings = ring_n = None
+        rings = None
         if self.r_edges is not None:
             k = self.num_rings
-            ring = batch * k + self.ring_of(points)
-            ring_e = segment_sum(e, ring, num_showers * k)
+            ring_e = segment_sum(e, batch * k + self.ring_of(points), num_showers * k)
             rings = (ring_e.view(num_showers, k) / evis.clamp(min=1e-30)[:, None]).float()
-            if self.ring_points:
-                ring_n = torch.bincount(ring, minlength=num_showers * k).view(num_showers, k)
         return ShowerShape(counts, evis.float(), cog.float(),
-                           (slice_e / evis.clamp(min=1e-30)[:, None]).float(), slice_n, rings, ring_n)
+                           (slice_e / evis.clamp(min=1e-30)[:, None]).float(), slice_n, rings)
 
     def encode(self, shape: ShowerShape, u: torch.Tensor | None = None) -> torch.Tensor:
         """Feature vector; ``u [B]`` is the dequantisation noise (0.5 when None)."""
@@ -156,8 +145,6 @@ class ShapeCodec:
                 shape.cog, (shape.slice_energy + self.eps).log(), (frac_n + self.eps).log()]
         if self.r_edges is not None:
             cols.append((shape.ring_energy + self.eps).log())
-        if self.ring_points:
-            cols.append((shape.ring_points.float() / n.clamp(min=1)[:, None] + self.eps).log())
         return torch.cat(cols, dim=1)
 
     def decode(self, y: torch.Tensor, max_points: int | None = None) -> ShowerShape:
@@ -170,14 +157,10 @@ class ShapeCodec:
         cog = y[:, 2:5]
         frac_e = _renormalise((y[:, 5:5 + s].exp() - self.eps).clamp(min=0))
         frac_n = _renormalise((y[:, 5 + s:5 + 2 * s].exp() - self.eps).clamp(min=0))
-        rings = ring_n = None
+        rings = None
         if self.r_edges is not None:
-            k, a = self.num_rings, 5 + 2 * s
-            rings = _renormalise((y[:, a:a + k].exp() - self.eps).clamp(min=0))
-            if self.ring_points:
-                ring_n = largest_remainder(
-                    _renormalise((y[:, a + k:a + 2 * k].exp() - self.eps).clamp(min=0)), n)
-        return ShowerShape(n, evis, cog, frac_e, largest_remainder(frac_n, n), rings, ring_n)
+            rings = _renormalise((y[:, 5 + 2 * s:].exp() - self.eps).clamp(min=0))
+        return ShowerShape(n, evis, cog, frac_e, largest_remainder(frac_n, n), rings)
 
 
 def _renormalise(f: torch.Tensor) -> torch.Tensor:

@@ -254,14 +254,14 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
 
 
 #: Model config keys that define the flow's features: a flow trained on others is no start.
-_SHAPE_KEYS = ("slices", "rings", "ring_points", "fraction_eps")
+_SHAPE_KEYS = ("slices", "rings", "fraction_eps")
 
 
 def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
     """Copy normalisation and every matching weight of checkpoint ``path`` into ``model``.
     ``refit_shape``: the flow is trained here, so shape statistics of another size (other flow
     features) may stay as measured on this data; every other statistic must fit. If the
-    checkpoint's flow features differ (other ``slices``, ``rings``, ``ring_points``, ``fraction_eps``), neither
+    checkpoint's flow features differ (other ``slices``, ``rings`` or ``fraction_eps``), neither
     its flow nor its shape statistics are copied (the flow then needs training: ``refit_shape``)."""
     body = read_checkpoint(path)
     source = checkpoint_state(body)
