@@ -111,6 +111,36 @@ def test_calibration_hits_the_sampled_shape():
         assert bool((z[1:] >= z[:-1]).all())
 
 
+def test_calibration_can_centre_the_core_on_the_axis():
+    """A shower whose dense core sits 0.05 R_M off the axis and whose sparse halo is lopsided the
+    other way: core_radius moves the core onto the axis (the sampled CoG is ignored), keeping
+    the energies; without it the whole shower moves to the sampled CoG."""
+    g = torch.Generator().manual_seed(4)
+    n_core, n_halo = 300, 100
+    core = torch.randn(n_core, 2, generator=g) * 0.1 + torch.tensor([0.05, 0.0])
+    a = torch.rand(n_halo, generator=g) * 3.1416 + 1.5708  # the x < 0 half plane
+    halo = (1.5 + torch.rand(n_halo, generator=g))[:, None] * torch.stack([a.cos(), a.sin()], 1)
+    xy = torch.cat([core, halo])
+    e = torch.cat([torch.full((n_core,), 3e-3), torch.full((n_halo,), 1e-3)])
+    pts = torch.cat([xy, torch.rand(n_core + n_halo, 1, generator=g) * 12, e[:, None]], 1)
+    counts = torch.tensor([n_core + n_halo])
+    ptr = torch.tensor([0, n_core + n_halo])
+    edges = torch.linspace(0, 12, 7)
+    shape = ShapeCodec(edges).measure(pts, torch.zeros(len(pts), dtype=torch.long), 1)
+    shape.cog = torch.tensor([[0.2, -0.1, 6.0]])
+    out = calibrate_points(pts, ptr, shape, edges, core_radius=0.5)
+    r = torch.hypot(out[:, 0], out[:, 1])
+    w = out[:, 3] * (r < 0.5)
+    centre = (out[:, :2] * w[:, None]).sum(0) / w.sum()
+    assert centre.abs().max() < 1e-3, centre
+    assert torch.allclose(out[:, 3].sum(), pts[:, 3].sum(), rtol=1e-5)
+    plain = calibrate_points(pts, ptr, shape, edges)
+    cog = (plain[:, :2] * plain[:, 3:4]).sum(0) / plain[:, 3].sum()
+    assert torch.allclose(cog, shape.cog[0, :2], atol=1e-5)
+    assert ((plain[:, :2] * plain[:, 3:4] * (torch.hypot(plain[:, 0], plain[:, 1]) < 0.5)[:, None]).sum(0)
+            / (plain[:, 3] * (torch.hypot(plain[:, 0], plain[:, 1]) < 0.5)).sum()).abs().max() > 0.05
+
+
 RINGS = [0.5, 1.0, 2.0]
 
 

@@ -7,7 +7,9 @@ slices in the sampled counts; a point outside its slice moves to the nearest dep
 (order in depth is kept);
 (2) point energies are scaled per slice to the sampled slice energy (and, for a model with rings,
 alternately per ring about the axis to the sampled ring energy), then per shower to the sampled
-visible energy; (3) the transverse centre of gravity is shifted to the sampled one.
+visible energy; (3) the transverse centre of gravity is shifted to the sampled one, or, with a
+``core_radius``, the shower is shifted so that its core (the energy within that distance of the
+axis) is centred on the axis.
 All steps are vectorised over the flat ragged batch.
 """
 
@@ -25,15 +27,26 @@ __all__ = ["calibrate_points"]
 RING_ITERATIONS = 5
 
 
+#: Re-centring rounds for ``core_radius`` (the core is re-selected about the axis each round).
+CORE_ITERATIONS = 3
+
+
 def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
-                     z_edges: torch.Tensor, r_edges: torch.Tensor | None = None) -> torch.Tensor:
+                     z_edges: torch.Tensor, r_edges: torch.Tensor | None = None,
+                     core_radius: float | None = None) -> torch.Tensor:
     """Calibrated copy of physics-frame ``points [P, 4]`` (rows grouped by shower as in ``ptr``,
     ``P = shape.num_points.sum()``), re-ordered by depth within each shower.
 
     With ``r_edges`` (the codec's ring edges, R_M) and ``shape.ring_energy``, the energies are
     fitted to the sampled slice and ring energies together by iterative proportional fitting
     (alternate scalings; the slices are matched exactly, the rings to the extent the points
-    allow: a ring without points keeps no energy)."""
+    allow: a ring without points keeps no energy).
+
+    ``core_radius`` (R_M): instead of moving each shower's transverse centre of gravity to the
+    sampled one, move the shower so that the energy-weighted centre of its points within
+    ``core_radius`` of the axis lies on the axis (``CORE_ITERATIONS`` rounds). In the physics
+    frame the core lies on the axis and the centre of gravity fluctuates with the halo; moving the
+    whole shower to a sampled centre of gravity pushes the core off the axis."""
     b, s = shape.slice_points.shape
     counts = ptr[1:] - ptr[:-1]
     if not torch.equal(counts, shape.slice_points.sum(1)):
@@ -74,9 +87,16 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
                         torch.zeros_like(total))
     e = e * scale[batch]
     pts[:, 3] = e.to(pts.dtype)
-    # (3) transverse centre of gravity
-    total = segment_sum(e, batch, b).clamp(min=1e-300)
-    cog = segment_sum(pts[:, :2].double() * e[:, None], batch, b) / total[:, None]
-    shift = (shape.cog[:, :2].double() - cog).to(pts.dtype)
-    pts[:, :2] = pts[:, :2] + shift[batch]
+    # (3) transverse centre of gravity, or the core on the axis
+    if core_radius is None:
+        total = segment_sum(e, batch, b).clamp(min=1e-300)
+        cog = segment_sum(pts[:, :2].double() * e[:, None], batch, b) / total[:, None]
+        shift = (shape.cog[:, :2].double() - cog).to(pts.dtype)
+        pts[:, :2] = pts[:, :2] + shift[batch]
+        return pts
+    for _ in range(CORE_ITERATIONS):
+        w = e * (torch.hypot(pts[:, 0], pts[:, 1]) < core_radius).double()
+        total = segment_sum(w, batch, b)
+        centre = segment_sum(pts[:, :2].double() * w[:, None], batch, b) / total.clamp(min=1e-300)[:, None]
+        pts[:, :2] = pts[:, :2] - centre.to(pts.dtype)[batch]  # (no core: total 0, centre 0)
     return pts

@@ -37,6 +37,9 @@ DEFAULT_MODEL_CONFIG = {
     # calibration matches (CaloClouds' per-layer calibration, extended to the radial direction);
     # None: no rings
     "rings": None,
+    # calibration step (3): None moves each shower's transverse centre of gravity to the flow's;
+    # a radius (R_M) centres the energy within it on the axis instead (calibration.py)
+    "core_radius": None,
     # passes: None = fully autoregressive (sampling costs one network pass per feature);
     # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
     "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
@@ -228,7 +231,9 @@ class ShowerModel(nn.Module):
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
         then the configured sub-voxel split. Returns ``(points, ptr)``."""
-        points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges)
+        core = self.config["core_radius"]
+        points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges,
+                                  None if core is None else float(core))
         sc = self.config["split"]
         if sc["snap_depth"]:
             depth = self.slice_depth.to(points.device, points.dtype)
