@@ -6,6 +6,10 @@ Usage::
     python benchmarks/default_model.py data train.parquet --n 15000 --seed 1 \\
         --grid 0.05,0.05,0.25 0.25,0.25,1.0
     python benchmarks/default_model.py data reference.parquet --n 10000 --seed 2 --grid 0.05,0.05,0.25
+    # 35 000 more training showers (another seed) for the flow of stage 3 (flow_data/ holds
+    # these and train.parquet)
+    python benchmarks/default_model.py data flow_data/extra.parquet --n 35000 --seed 3 \\
+        --grid 0.05,0.05,0.25 0.25,0.25,1.0
     # model vs reference on ILD cells (the first --n-gen reference showers give the conditions,
     # the others are the reference)
     python benchmarks/default_model.py evaluate pcshower/weights/default.pt reference.parquet \\
