@@ -4,7 +4,7 @@ CaloClouds II (arXiv:2309.05704, section 3.4) corrects the diffusion model's poi
 per-layer point counts and energies follow the flow. In the physics frame there are no layers, so
 pcshower does it per depth slice: (1) the points of each shower, sorted in depth, are dealt to the
 slices in the sampled counts; a point outside its slice moves to the nearest depth inside it
-(order in depth is kept);
+(order in depth is kept), or every point goes to a given depth per slice;
 (2) point energies are scaled per slice to the sampled slice energy (and, for a model with rings,
 alternately per ring about the axis to the sampled ring energy), then per shower to the sampled
 visible energy; (3) the transverse centre of gravity is shifted to the sampled one, or, with a
@@ -33,7 +33,8 @@ CORE_ITERATIONS = 3
 
 def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
                      z_edges: torch.Tensor, r_edges: torch.Tensor | None = None,
-                     core_radius: float | None = None) -> torch.Tensor:
+                     core_radius: float | None = None,
+                     slice_depth: torch.Tensor | None = None) -> torch.Tensor:
     """Calibrated copy of physics-frame ``points [P, 4]`` (rows grouped by shower as in ``ptr``,
     ``P = shape.num_points.sum()``), re-ordered by depth within each shower.
 
@@ -46,7 +47,10 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     sampled one, move the shower so that the energy-weighted centre of its points within
     ``core_radius`` of the axis lies on the axis (``CORE_ITERATIONS`` rounds). In the physics
     frame the core lies on the axis and the centre of gravity fluctuates with the halo; moving the
-    whole shower to a sampled centre of gravity pushes the core off the axis."""
+    whole shower to a sampled centre of gravity pushes the core off the axis.
+
+    ``slice_depth`` ``[S]`` (X0): every point dealt to slice ``k`` is put at ``slice_depth[k]``
+    instead of keeping its own depth (the model's ``split.snap_depth``)."""
     b, s = shape.slice_points.shape
     counts = ptr[1:] - ptr[:-1]
     if not torch.equal(counts, shape.slice_points.sum(1)):
@@ -65,10 +69,13 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     # on top of the sub-voxel split (docs/models.md).
     edges = z_edges.to(device, pts.dtype)
     slice_id = group % s
-    lo = edges[slice_id]
-    hi = torch.where(slice_id == s - 1, torch.full_like(lo, float("inf")), edges[1:][slice_id])
-    below_hi = hi - 1e-4 * (edges[1:] - edges[:-1])[slice_id]
-    pts[:, 2] = torch.minimum(torch.maximum(pts[:, 2], lo), below_hi)
+    if slice_depth is not None:
+        pts[:, 2] = slice_depth.to(device, pts.dtype)[slice_id]
+    else:
+        lo = edges[slice_id]
+        hi = torch.where(slice_id == s - 1, torch.full_like(lo, float("inf")), edges[1:][slice_id])
+        below_hi = hi - 1e-4 * (edges[1:] - edges[:-1])[slice_id]
+        pts[:, 2] = torch.minimum(torch.maximum(pts[:, 2], lo), below_hi)
     # (2) energies: per slice, then per shower (slices that got no point lose their share)
     e = pts[:, 3].double()
     evis = shape.visible_energy.double()[:, None]
@@ -89,14 +96,17 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     pts[:, 3] = e.to(pts.dtype)
     # (3) transverse centre of gravity, or the core on the axis
     if core_radius is None:
-        total = segment_sum(e, batch, b).clamp(min=1e-300)
-        cog = segment_sum(pts[:, :2].double() * e[:, None], batch, b) / total[:, None]
-        shift = (shape.cog[:, :2].double() - cog).to(pts.dtype)
-        pts[:, :2] = pts[:, :2] + shift[batch]
+        shift = shape.cog[:, :2].double() - _transverse_centre(pts, e, batch, b)
+        pts[:, :2] = pts[:, :2] + shift.to(pts.dtype)[batch]
         return pts
     for _ in range(CORE_ITERATIONS):
-        w = e * (torch.hypot(pts[:, 0], pts[:, 1]) < core_radius).double()
-        total = segment_sum(w, batch, b)
-        centre = segment_sum(pts[:, :2].double() * w[:, None], batch, b) / total.clamp(min=1e-300)[:, None]
-        pts[:, :2] = pts[:, :2] - centre.to(pts.dtype)[batch]  # (no core: total 0, centre 0)
+        core = e * (torch.hypot(pts[:, 0], pts[:, 1]) < core_radius).double()
+        pts[:, :2] = pts[:, :2] - _transverse_centre(pts, core, batch, b).to(pts.dtype)[batch]
     return pts
+
+
+def _transverse_centre(pts: torch.Tensor, weight: torch.Tensor, batch: torch.Tensor,
+                       b: int) -> torch.Tensor:
+    """``[b, 2]`` weighted mean (x, y) of each shower's points (0 for a shower without weight)."""
+    total = segment_sum(weight, batch, b).clamp(min=1e-300)
+    return segment_sum(pts[:, :2].double() * weight[:, None], batch, b) / total[:, None]

@@ -232,12 +232,10 @@ class ShowerModel(nn.Module):
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
         then the configured sub-voxel split. Returns ``(points, ptr)``."""
         core = self.config["core_radius"]
-        points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges,
-                                  None if core is None else float(core))
         sc = self.config["split"]
-        if sc["snap_depth"]:
-            depth = self.slice_depth.to(points.device, points.dtype)
-            points[:, 2] = depth[self.codec.slice_of(points[:, 2])]
+        points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges,
+                                  None if core is None else float(core),
+                                  self.slice_depth if sc["snap_depth"] else None)
         box = sc["box"]
         if sc["spread"]:
             if int(self.split_spread_showers) == 0:
