@@ -11,8 +11,8 @@ from pcshower.io import write_parquet
 from pcshower.models.checkpoint import load_model, model_payload, save_checkpoint
 from pcshower.models.cli import fit_split
 from pcshower.models.model import ShowerModel
-from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, measure_voxel_spread,
-                                   split_points, spread_boxes)
+from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, declump_points,
+                                   measure_voxel_spread, split_points, spread_boxes)
 from pcshower.simulate.reduce import reduce_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,7 +117,8 @@ def test_fit_split_writes_a_checkpoint_with_the_table_and_the_same_weights(tmp_p
                      factor=16, max_showers=4, progress=False)
     assert info["showers"] == 4
     new = load_model(tmp_path / "s.pt")
-    assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True, "snap_depth": False}
+    assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True,
+                                   "snap_depth": False, "declump": False}
     assert int(new.split_spread_showers) == 4
     assert new.checkpoint_info["provenance"]["data_path"] == "x"
     assert new.checkpoint_info["provenance"]["split_spread"]["showers"] == 4
@@ -164,3 +165,56 @@ def test_snap_depth_puts_points_at_the_measured_depth_of_the_training_points(tmp
     assert len(snapped.checkpoint_info["provenance"]["split_spread"]["slice_depth"]) == 10
     with pytest.raises(ValueError, match="snap_depth needs"):  # slices not on the grid's planes
         ShowerModel({**SMALL, "split": {**SMALL["split"], "snap_depth": True}})
+
+
+def _voxel_counts(points, ptr):
+    batch = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr[1:] - ptr[:-1])
+    ijk = torch.floor(points[:, :3].double() / torch.tensor(GRID, dtype=torch.float64) + 0.5)
+    return torch.unique(torch.cat([batch[:, None].double(), ijk], 1), dim=0, return_counts=True)[1]
+
+
+def test_declump_moves_clashing_points_along_the_arc_to_free_voxels():
+    """Shower 0: three points in one voxel at r = 1 R_M, a full 3 x 3 core (one extra point in
+    the central voxel, no free voxel on its arc), a lone tail point. Shower 1: a point in the same
+    voxel as shower 0's clump (another shower: no clash)."""
+    clump = torch.tensor([[1.0, 0.0, 3.0, 0.5], [1.02, 0.01, 3.1, 0.3], [0.98, -0.02, 2.9, 0.2]])
+    i = torch.tensor([-1.0, 0.0, 1.0]) * 0.25
+    cx, cy = torch.meshgrid(i, i, indexing="ij")
+    core = torch.stack([cx.flatten(), cy.flatten(), torch.full((9,), 3.0), torch.ones(9)], 1)
+    core = torch.cat([core, torch.tensor([[0.02, 0.01, 3.0, 2.0]])])
+    tail = torch.tensor([[0.0, 2.0, 5.0, 0.1]])
+    points = torch.cat([clump, core, tail, torch.tensor([[1.0, 0.01, 3.0, 0.4]])])
+    ptr = torch.tensor([0, 14, 15])
+    out, moved = declump_points(points, ptr, GRID)
+    assert moved == 2
+    assert torch.equal(out[:, 2:], points[:, 2:])  # depth and energy kept
+    r_in, r_out = torch.hypot(points[:, 0], points[:, 1]), torch.hypot(out[:, 0], out[:, 1])
+    assert torch.allclose(r_out, r_in, atol=1e-6)  # radius kept: the radial profile is unchanged
+    assert torch.equal(out[[0, *range(3, 15)]], points[[0, *range(3, 15)]])  # the rest untouched
+    # the clump now lies in three voxels; only the central core voxel still holds two points
+    assert sorted(_voxel_counts(out, ptr).tolist()) == [1] * 13 + [2]
+    assert sorted(_voxel_counts(points, ptr).tolist()) == [1] * 10 + [2, 3]
+    # one step of 0.25 R_M of arc each, to opposite sides
+    angle = torch.atan2(out[1:3, 1], out[1:3, 0]) - torch.atan2(points[1:3, 1], points[1:3, 0])
+    assert torch.allclose(angle.abs() * r_in[1:3], torch.tensor([0.25, 0.25]), atol=1e-5)
+    assert float(angle[0] * angle[1]) < 0
+    assert declump_points(out, ptr, GRID)[1] == 0  # nothing left that can move
+    with pytest.raises(ValueError, match="grid"):
+        declump_points(points, ptr, (0.25, 0.0, 1.0))
+
+
+def test_model_declump_runs_after_calibration_and_keeps_the_profiles():
+    model = ShowerModel({**SMALL, "split": {"factor": 1, "box": list(GRID), "declump": True}})
+    shower = fine_showers(2)
+    pts = shower.points.clone()
+    pts[:, :2] = pts[:, :2].round(decimals=1)  # clumps: points pile up on a 0.1 R_M lattice
+    shape = model.codec.measure(pts, shower.batch, len(shower))
+    plain = ShowerModel({**SMALL, "split": {"factor": 1, "box": list(GRID)}})
+    ref, _ = plain.postprocess(pts, shower.ptr, shape)
+    out, _ = model.postprocess(pts, shower.ptr, shape)
+    assert _voxel_counts(out, shower.ptr).numel() > _voxel_counts(ref, shower.ptr).numel()
+    assert torch.equal(out[:, 2:], ref[:, 2:])
+    assert torch.allclose(torch.hypot(out[:, 0], out[:, 1]), torch.hypot(ref[:, 0], ref[:, 1]),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="declump needs"):
+        ShowerModel({**SMALL, "split": {"factor": 1, "box": None, "declump": True}})

@@ -20,8 +20,8 @@ from pcshower.models.calibration import calibrate_points
 from pcshower.models.edm import EDM
 from pcshower.models.samplers import SAMPLERS, karras_sigmas
 from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, slice_edges
-from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, measure_voxel_spread,
-                                   split_points, spread_boxes)
+from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, declump_points,
+                                   measure_voxel_spread, split_points, spread_boxes)
 from pcshower.nn.epic import EPiCNetwork
 
 __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"]
@@ -59,8 +59,11 @@ DEFAULT_MODEL_CONFIG = {
     # (ShowerModel.fit_split_spread, `pcshower fit-split`; pcshower/models/split.py).
     # snap_depth: true puts every calibrated point at the mean depth of the training points in
     # its slice (measured with the spread table): for slices centred on the grid's depth planes,
-    # which the training points lie on and the network does not resolve
-    "split": {"factor": 1, "box": None, "spread": False, "snap_depth": False},
+    # which the training points lie on and the network does not resolve.
+    # declump: true moves calibrated points that share a training-grid voxel (`box`) with
+    # another point of their shower along the circle about the axis to a free voxel (the
+    # training data hold one point per voxel; split.declump_points)
+    "split": {"factor": 1, "box": None, "spread": False, "snap_depth": False, "declump": False},
 }
 
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
@@ -129,6 +132,8 @@ class ShowerModel(nn.Module):
             self.register_buffer("split_spread", table)
             # showers the table was measured on (0: not measured, the uniform box is used)
             self.register_buffer("split_spread_showers", torch.tensor(0, dtype=torch.int64))
+        if sc["declump"] and sc["box"] is None:
+            raise ValueError("split.declump needs the training grid in split.box")
         if sc["snap_depth"]:
             width = float(sl["z_max_x0"]) / int(sl["num"])
             if not (sc["spread"] and sl["centred"] and math.isclose(width, float(sc["box"][2]))):
@@ -230,12 +235,15 @@ class ShowerModel(nn.Module):
     def postprocess(self, points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
-        then the configured sub-voxel split. Returns ``(points, ptr)``."""
+        the declump (if configured), then the configured sub-voxel split. Returns
+        ``(points, ptr)``."""
         core = self.config["core_radius"]
         sc = self.config["split"]
         points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges,
                                   None if core is None else float(core),
                                   self.slice_depth if sc["snap_depth"] else None)
+        if sc["declump"]:
+            points, _ = declump_points(points, ptr, sc["box"])
         box = sc["box"]
         if sc["spread"]:
             if int(self.split_spread_showers) == 0:
