@@ -118,7 +118,7 @@ def test_fit_split_writes_a_checkpoint_with_the_table_and_the_same_weights(tmp_p
     assert info["showers"] == 4
     new = load_model(tmp_path / "s.pt")
     assert new.config["split"] == {"factor": 16, "box": list(GRID), "spread": True,
-                                   "snap_depth": False, "declump": False}
+                                   "snap_depth": False, "declump": False, "spread_key": "centroid"}
     assert int(new.split_spread_showers) == 4
     assert new.checkpoint_info["provenance"]["data_path"] == "x"
     assert new.checkpoint_info["provenance"]["split_spread"]["showers"] == 4
@@ -216,5 +216,31 @@ def test_model_declump_runs_after_calibration_and_keeps_the_profiles():
     assert torch.equal(out[:, 2:], ref[:, 2:])
     assert torch.allclose(torch.hypot(out[:, 0], out[:, 1]), torch.hypot(ref[:, 0], ref[:, 1]),
                           atol=1e-5)
+    with pytest.raises(ValueError, match="slice_core_radius needs core_radius"):
+        ShowerModel({**SMALL, "slice_core_radius": 0.3})
     with pytest.raises(ValueError, match="declump needs"):
         ShowerModel({**SMALL, "split": {"factor": 1, "box": None, "declump": True}})
+
+
+def test_spread_table_can_be_keyed_by_the_voxel_centre():
+    """A central voxel whose two deposits (x = 0.02 and 0.10 R_M) put its centroid at 0.06 R_M:
+    keyed by centroid its spread lands in the 0.05-0.1 R_M bin, keyed by voxel centre in the
+    axis bin, and points are looked up alike (a point at 0.1 R_M lies in the central voxel)."""
+    pts = torch.tensor([[0.02, 0.0, 3.0, 1e-3], [0.10, 0.0, 3.0, 1e-3]])
+    fine = Showers.from_counts(pts, torch.tensor([2]), torch.tensor([50.0]),
+                               theta=torch.tensor([1.2]), frame="physics")
+    box = math.sqrt(12 * 0.04 ** 2 / 2)  # variance 0.04^2 in x, 0 in y, pooled
+    by_centroid, _ = measure_voxel_spread(fine, GRID, progress=False)
+    by_voxel, _ = measure_voxel_spread(fine, GRID, by_voxel=True, progress=False)
+    assert float(by_centroid[1, 1, 0]) == pytest.approx(box, rel=1e-4)
+    assert float(by_voxel[0, 1, 0]) == pytest.approx(box, rel=1e-4)
+    probe = torch.tensor([[0.1, 0.0, 3.0, 1e-3]])
+    table = torch.zeros_like(by_voxel)
+    table[0, :, 0], table[2, :, 0] = 0.2, 0.05
+    assert float(spread_boxes(probe, table)[0, 0]) == pytest.approx(0.05)
+    assert float(spread_boxes(probe, table, grid=GRID)[0, 0]) == pytest.approx(0.2)
+    model = ShowerModel({**SMALL, "split": {**SMALL["split"], "spread_key": "voxel"}})
+    model.fit_split_spread(fine, progress=False)
+    assert torch.allclose(model.split_spread, by_voxel)
+    with pytest.raises(ValueError, match="spread_key"):
+        ShowerModel({**SMALL, "split": {**SMALL["split"], "spread_key": "radius"}})

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                    help="move generated points that share a training-grid voxel with another "
                         "point of their shower along the circle about the axis to a free voxel "
                         "(split.declump)")
+    f.add_argument("--spread-key", choices=("centroid", "voxel"), default=None,
+                   help="bin the spread table by the radius of each voxel's centroid or of its "
+                        "centre (split.spread_key; default: the model's)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fit_split)
 
@@ -96,11 +99,12 @@ def _train(args) -> int:
 
 def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
               max_showers: int = 2000, snap_depth: bool | None = None,
-              declump: bool | None = None, progress: bool = True) -> dict:
+              declump: bool | None = None, spread_key: str | None = None,
+              progress: bool = True) -> dict:
     """Copy of checkpoint ``model`` with its split spread table measured on ``data`` (Parquet,
     physics frame, finer than the training grid), written to ``out``; ``snap_depth`` sets
     ``split.snap_depth`` (the slices' depths are then measured too), ``declump`` sets
-    ``split.declump``. Returns the measurement
+    ``split.declump`` and ``spread_key`` ``split.spread_key``. Returns the measurement
     info (also stored in the checkpoint's provenance under ``split_spread``)."""
     import copy
 
@@ -124,6 +128,8 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
         split["snap_depth"] = bool(snap_depth)
     if declump is not None:
         split["declump"] = bool(declump)
+    if spread_key is not None:
+        split["spread_key"] = str(spread_key)
     if int(split.get("factor", 1)) < 2:
         raise ValueError("the split factor is 1: give --factor (e.g. 16) so points are split")
     fitted = ShowerModel(config)
@@ -144,7 +150,7 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
 def _fit_split(args) -> int:
     info = fit_split(args.model, args.data, args.out, factor=args.factor,
                      max_showers=args.max_showers, snap_depth=args.snap_depth or None,
-                     declump=args.declump or None, progress=not args.no_progress)
+                     declump=args.declump or None, spread_key=args.spread_key, progress=not args.no_progress)
     print(f"measured the voxel spread on {info['showers']} showers ({info['voxels']} voxels of "
           f"{info['grid']}); wrote {args.out}")
     return 0

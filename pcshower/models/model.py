@@ -40,6 +40,9 @@ DEFAULT_MODEL_CONFIG = {
     # calibration step (3): None moves each shower's transverse centre of gravity to the flow's;
     # a radius (R_M) centres the energy within it on the axis instead (calibration.py)
     "core_radius": None,
+    # then each depth slice's energy within this radius (R_M) centred on the axis too (needs
+    # core_radius); None: slices move with their shower
+    "slice_core_radius": None,
     # passes: None = fully autoregressive (sampling costs one network pass per feature);
     # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
     "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
@@ -63,7 +66,11 @@ DEFAULT_MODEL_CONFIG = {
     # declump: true moves calibrated points that share a training-grid voxel (`box`) with
     # another point of their shower along the circle about the axis to a free voxel (the
     # training data hold one point per voxel; split.declump_points)
-    "split": {"factor": 1, "box": None, "spread": False, "snap_depth": False, "declump": False},
+    # spread_key: "centroid" bins the spread table by the radius of each training voxel's
+    # centroid and looks points up by their own radius; "voxel" by the radius of the voxel's
+    # centre, for points and table alike (split.measure_voxel_spread)
+    "split": {"factor": 1, "box": None, "spread": False, "snap_depth": False, "declump": False,
+              "spread_key": "centroid"},
 }
 
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
@@ -132,6 +139,12 @@ class ShowerModel(nn.Module):
             self.register_buffer("split_spread", table)
             # showers the table was measured on (0: not measured, the uniform box is used)
             self.register_buffer("split_spread_showers", torch.tensor(0, dtype=torch.int64))
+        if cfg["slice_core_radius"] is not None and cfg["core_radius"] is None:
+            raise ValueError("slice_core_radius needs core_radius (the shower's core is centred "
+                             "first)")
+        if sc["spread_key"] not in ("centroid", "voxel"):
+            raise ValueError(f"split.spread_key must be 'centroid' or 'voxel', got "
+                             f"{sc['spread_key']!r}")
         if sc["declump"] and sc["box"] is None:
             raise ValueError("split.declump needs the training grid in split.box")
         if sc["snap_depth"]:
@@ -237,11 +250,12 @@ class ShowerModel(nn.Module):
         """Raw sampled points → final physics-frame points: calibration to the sampled shape,
         the declump (if configured), then the configured sub-voxel split. Returns
         ``(points, ptr)``."""
-        core = self.config["core_radius"]
+        core, slice_core = self.config["core_radius"], self.config["slice_core_radius"]
         sc = self.config["split"]
         points = calibrate_points(points, ptr, shape, self.codec.z_edges, self.codec.r_edges,
                                   None if core is None else float(core),
-                                  self.slice_depth if sc["snap_depth"] else None)
+                                  self.slice_depth if sc["snap_depth"] else None,
+                                  None if slice_core is None else float(slice_core))
         if sc["declump"]:
             points, _ = declump_points(points, ptr, sc["box"])
         box = sc["box"]
@@ -250,7 +264,8 @@ class ShowerModel(nn.Module):
                 warnings.warn("this model's split spread table was never measured: every point is "
                               "spread over the uniform training voxel (run `pcshower fit-split`)",
                               stacklevel=3)
-            box = spread_boxes(points, self.split_spread)
+            box = spread_boxes(points, self.split_spread,
+                               grid=sc["box"] if sc["spread_key"] == "voxel" else None)
         return split_points(points, ptr, int(sc["factor"]), box, generator)
 
     @torch.no_grad()
@@ -263,7 +278,8 @@ class ShowerModel(nn.Module):
                              "factor and box) to use a measured spread table")
         snap = bool(self.config["split"]["snap_depth"])
         table, info = measure_voxel_spread(showers, self.config["split"]["box"], progress=progress,
-                                           slice_edges=self.codec.z_edges if snap else None)
+                                           slice_edges=self.codec.z_edges if snap else None,
+                                           by_voxel=self.config["split"]["spread_key"] == "voxel")
         self.split_spread.copy_(table)
         if snap:
             self.slice_depth.copy_(torch.tensor(info["slice_depth"]))
