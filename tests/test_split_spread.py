@@ -244,3 +244,22 @@ def test_spread_table_can_be_keyed_by_the_voxel_centre():
     assert torch.allclose(model.split_spread, by_voxel)
     with pytest.raises(ValueError, match="spread_key"):
         ShowerModel({**SMALL, "split": {**SMALL["split"], "spread_key": "radius"}})
+
+
+def test_fit_split_command_sets_the_generation_time_calibration(tmp_path):
+    from pcshower.cli import main
+
+    centred = {**SMALL, "slices": {"num": 10, "z_max_x0": 10.0, "centred": True}}
+    save_checkpoint(tmp_path / "m.pt", model_payload(ShowerModel(centred)))
+    write_parquet(tmp_path / "fine.parquet", fine_showers(3))
+    assert main(["fit-split", str(tmp_path / "m.pt"), "--data", str(tmp_path / "fine.parquet"),
+                 "--out", str(tmp_path / "s.pt"), "--factor", "16", "--snap-depth", "--declump",
+                 "--spread-key", "voxel", "--core-radius", "0.5", "--slice-core-radius", "0.3",
+                 "--no-progress"]) == 0
+    cfg = load_model(tmp_path / "s.pt").config
+    assert cfg["split"] == {"factor": 16, "box": list(GRID), "spread": True, "snap_depth": True,
+                            "declump": True, "spread_key": "voxel"}
+    assert (cfg["core_radius"], cfg["slice_core_radius"]) == (0.5, 0.3)
+    with pytest.raises(ValueError, match="--slice-core-radius must be a positive radius"):
+        fit_split(str(tmp_path / "m.pt"), str(tmp_path / "fine.parquet"), str(tmp_path / "x.pt"),
+                  slice_core_radius=-1.0, progress=False)

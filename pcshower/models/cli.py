@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ def register(subparsers) -> None:
     f.add_argument("--spread-key", choices=("centroid", "voxel"), default=None,
                    help="bin the spread table by the radius of each voxel's centroid or of its "
                         "centre (split.spread_key; default: the model's)")
+    f.add_argument("--core-radius", type=float, default=None,
+                   help="centre each shower's energy within this radius (R_M) on the axis at "
+                        "generation (core_radius; default: the model's)")
+    f.add_argument("--slice-core-radius", type=float, default=None,
+                   help="then each depth slice's energy within this radius (R_M) too "
+                        "(slice_core_radius; default: the model's)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fit_split)
 
@@ -100,11 +107,13 @@ def _train(args) -> int:
 def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
               max_showers: int = 2000, snap_depth: bool | None = None,
               declump: bool | None = None, spread_key: str | None = None,
+              core_radius: float | None = None, slice_core_radius: float | None = None,
               progress: bool = True) -> dict:
     """Copy of checkpoint ``model`` with its split spread table measured on ``data`` (Parquet,
     physics frame, finer than the training grid), written to ``out``; ``snap_depth`` sets
-    ``split.snap_depth`` (the slices' depths are then measured too), ``declump`` sets
-    ``split.declump`` and ``spread_key`` ``split.spread_key``. Returns the measurement
+    ``split.snap_depth`` (the slices' depths are then measured too), ``declump``,
+    ``spread_key``, ``core_radius`` and ``slice_core_radius`` set those generation-time
+    settings (the weights do not depend on them). Returns the measurement
     info (also stored in the checkpoint's provenance under ``split_spread``)."""
     import copy
 
@@ -130,6 +139,12 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
         split["declump"] = bool(declump)
     if spread_key is not None:
         split["spread_key"] = str(spread_key)
+    for key, value in (("core_radius", core_radius), ("slice_core_radius", slice_core_radius)):
+        if value is not None:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{key.replace('_', '-')} must be a positive radius in R_M, "
+                                 f"got {value}")
+            config[key] = float(value)
     if int(split.get("factor", 1)) < 2:
         raise ValueError("the split factor is 1: give --factor (e.g. 16) so points are split")
     fitted = ShowerModel(config)
@@ -150,7 +165,9 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
 def _fit_split(args) -> int:
     info = fit_split(args.model, args.data, args.out, factor=args.factor,
                      max_showers=args.max_showers, snap_depth=args.snap_depth or None,
-                     declump=args.declump or None, spread_key=args.spread_key, progress=not args.no_progress)
+                     declump=args.declump or None, spread_key=args.spread_key,
+                     core_radius=args.core_radius, slice_core_radius=args.slice_core_radius,
+                     progress=not args.no_progress)
     print(f"measured the voxel spread on {info['showers']} showers ({info['voxels']} voxels of "
           f"{info['grid']}); wrote {args.out}")
     return 0
