@@ -199,6 +199,10 @@ def test_declump_moves_clashing_points_along_the_arc_to_free_voxels():
     assert torch.allclose(angle.abs() * r_in[1:3], torch.tensor([0.25, 0.25]), atol=1e-5)
     assert float(angle[0] * angle[1]) < 0
     assert declump_points(out, ptr, GRID)[1] == 0  # nothing left that can move
+    # a far outlier (voxel ids beyond int64 arithmetic: the generic ranking) changes nothing else
+    far = torch.cat([points, torch.tensor([[3e9, 0.0, 1.0, 1e-3]])])
+    out_far, moved_far = declump_points(far, torch.tensor([0, 14, 16]), GRID)
+    assert moved_far == 2 and torch.equal(out_far[:15], out) and torch.equal(out_far[15], far[15])
     with pytest.raises(ValueError, match="grid"):
         declump_points(points, ptr, (0.25, 0.0, 1.0))
 

@@ -109,10 +109,12 @@ def declump_points(points: torch.Tensor, ptr: torch.Tensor, grid,
     r = torch.hypot(p[:, 0], p[:, 1])
     phi = torch.atan2(p[:, 1], p[:, 0])
     moved = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+    encode = _arc_voxel_encoder(p, r, batch, b, grid)
     for it in range(int(rounds)):
-        key = _voxel_keys(p, batch, grid)
+        key = encode(p, batch) if encode else _voxel_keys(p, batch, grid)
         order = torch.argsort(key, stable=True)
-        _, n_in = torch.unique_consecutive(key[order], return_counts=True)
+        sorted_key = key[order]
+        _, n_in = torch.unique_consecutive(sorted_key, return_counts=True)
         start = torch.repeat_interleave(torch.cumsum(n_in, 0) - n_in, n_in)
         rank = torch.empty_like(key)
         rank[order] = torch.arange(key.numel(), device=p.device) - start
@@ -124,21 +126,47 @@ def declump_points(points: torch.Tensor, ptr: torch.Tensor, grid,
         angle = phi[clash] + side * step * grid[0] / r[clash].clamp(min=grid[0])
         cand = p[clash].clone()
         cand[:, 0], cand[:, 1] = r[clash] * torch.cos(angle), r[clash] * torch.sin(angle)
-        both = _voxel_keys(torch.cat([p[:, :3], cand[:, :3]]), torch.cat([batch, batch[clash]]),
-                           grid)
-        target = both[p.shape[0]:]
-        free = ~torch.isin(target, both[:p.shape[0]])
+        if encode:
+            target = encode(cand, batch[clash])
+        else:
+            both = _voxel_keys(torch.cat([p[:, :3], cand[:, :3]]),
+                               torch.cat([batch, batch[clash]]), grid)
+            sorted_key, target = torch.sort(both[:p.shape[0]])[0], both[p.shape[0]:]
+        at = torch.searchsorted(sorted_key, target).clamp(max=sorted_key.numel() - 1)
+        free = torch.nonzero(sorted_key[at] != target).flatten()
         # of several points aiming at one free voxel, the first (lowest index) takes it
-        first = torch.full((int(both.max()) + 1,), clash.numel(), dtype=torch.int64,
-                           device=p.device)
-        idx = torch.arange(clash.numel(), device=p.device)
-        first.scatter_reduce_(0, target[free], idx[free], reduce="amin")
-        go = free & (first[target] == idx)
-        dest = clash[go]
-        p[dest, :2] = cand[go, :2]
-        phi[dest] = angle[go]
+        by_target = free[torch.argsort(target[free], stable=True)]
+        _, n_aim = torch.unique_consecutive(target[by_target], return_counts=True)
+        winners = by_target[torch.cumsum(n_aim, 0) - n_aim]
+        dest = clash[winners]
+        p[dest, :2] = cand[winners, :2]
+        phi[dest] = angle[winners]
         moved[dest] = True
     return p.to(points.dtype), int(moved.sum())
+
+
+def _arc_voxel_encoder(p: torch.Tensor, r: torch.Tensor, batch: torch.Tensor, b: int, grid):
+    """An int64 voxel id ``(shower, ix, iy, iz)`` by arithmetic, valid for the points ``p`` and
+    every position on their circles about the axis (radius and depth do not change), so ids of
+    different calls compare; ``None`` if the id range would overflow (far outliers: the caller
+    ranks ids with :func:`_voxel_keys` instead)."""
+    if p.shape[0] == 0:
+        return None
+    dx, dy, dz = grid
+    nx = int(math.floor(float(r.max()) / dx + 0.5)) + 1
+    ny = int(math.floor(float(r.max()) / dy + 0.5)) + 1
+    iz = torch.floor(p[:, 2] / dz + 0.5).to(torch.int64)
+    z0, nz = int(iz.min()), int(iz.max() - iz.min()) + 1
+    if b * nz * (2 * nx + 1) * (2 * ny + 1) >= 2 ** 62:
+        return None
+
+    def encode(q: torch.Tensor, shower: torch.Tensor) -> torch.Tensor:
+        ix = torch.floor(q[:, 0] / dx + 0.5).to(torch.int64) + nx
+        iy = torch.floor(q[:, 1] / dy + 0.5).to(torch.int64) + ny
+        kz = torch.floor(q[:, 2] / dz + 0.5).to(torch.int64) - z0
+        return ((shower * nz + kz) * (2 * nx + 1) + ix) * (2 * ny + 1) + iy
+
+    return encode
 
 
 def _bins(points: torch.Tensor, r_edges, z_edges,
