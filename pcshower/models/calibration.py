@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pcshower.models.showerflow import ShowerShape
+from pcshower.models.showerflow import ShowerShape, ring_index
 from pcshower.nn.pooling import segment_sum
 
 __all__ = ["calibrate_points"]
@@ -89,8 +89,7 @@ def calibrate_points(points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape
     fits = [(group, (shape.slice_energy.double() * evis).reshape(-1))]
     if r_edges is not None and shape.ring_energy is not None:
         k = shape.ring_energy.shape[1]
-        r = torch.hypot(pts[:, 0], pts[:, 1]).contiguous()
-        ring = batch * k + torch.bucketize(r, r_edges.to(device, r.dtype), right=True)
+        ring = batch * k + ring_index(pts, r_edges)
         fits = [fits[0], (ring, (shape.ring_energy.double() * evis).reshape(-1))] * RING_ITERATIONS
         fits.append(fits[0])
     for idx, target in fits:

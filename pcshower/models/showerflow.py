@@ -27,7 +27,7 @@ from torch import nn
 
 from pcshower.nn.pooling import segment_sum
 
-__all__ = ["ShowerShape", "ShapeCodec", "ShowerFlow", "slice_edges"]
+__all__ = ["ShowerShape", "ShapeCodec", "ShowerFlow", "slice_edges", "slice_index", "ring_index"]
 
 
 def slice_edges(num: int, z_max_x0: float, centred: bool = False) -> torch.Tensor:
@@ -72,6 +72,19 @@ class ShowerShape:
     ring_energy: torch.Tensor | None = None
 
 
+def slice_index(z: torch.Tensor, z_edges: torch.Tensor) -> torch.Tensor:
+    """Depth slice of each depth ``z`` for slice edges ``z_edges [S+1]`` (X0); depths outside
+    count in the first / last slice."""
+    return torch.bucketize(z.contiguous(), z_edges[1:-1].to(z.device, z.dtype), right=True)
+
+
+def ring_index(points: torch.Tensor, r_edges: torch.Tensor) -> torch.Tensor:
+    """Ring about the shower axis (x = y = 0) of each point for inner ring edges ``r_edges``
+    (R_M; the last ring open)."""
+    r = torch.hypot(points[:, 0], points[:, 1]).contiguous()
+    return torch.bucketize(r, r_edges.to(r.device, r.dtype), right=True)
+
+
 class ShapeCodec:
     """Measures a :class:`ShowerShape` on physics-frame points and maps it to and from the flow's
     real-valued feature vector ``[B, 5 + 2S + R]`` (log N, log E_vis, CoG x/y/z, slice energy
@@ -110,12 +123,11 @@ class ShapeCodec:
         return 5 + 2 * self.num_slices + self.num_rings
 
     def slice_of(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(z.contiguous(), self.z_edges[1:-1].to(z.device, z.dtype), right=True)
+        return slice_index(z, self.z_edges)
 
     def ring_of(self, points: torch.Tensor) -> torch.Tensor:
         """Ring index of each point (distance from the shower axis x = y = 0)."""
-        r = torch.hypot(points[:, 0], points[:, 1]).contiguous()
-        return torch.bucketize(r, self.r_edges.to(r.device, r.dtype), right=True)
+        return ring_index(points, self.r_edges)
 
     def measure(self, points: torch.Tensor, batch: torch.Tensor, num_showers: int) -> ShowerShape:
         s = self.num_slices

@@ -24,6 +24,8 @@ import math
 import torch
 from tqdm import tqdm
 
+from pcshower.models.showerflow import slice_index
+
 __all__ = ["split_points", "measure_voxel_spread", "spread_boxes", "declump_points",
            "SPREAD_R_EDGES", "SPREAD_Z_EDGES", "DECLUMP_ROUNDS"]
 
@@ -284,7 +286,7 @@ def measure_voxel_spread(showers, grid, *, r_edges=SPREAD_R_EDGES, z_edges=SPREA
         var_t.index_add_(0, cell, ev[keep] * 0.5 * (var[keep, 0] + var[keep, 1]))
         var_z.index_add_(0, cell, ev[keep] * var[keep, 2])
         if slice_edges is not None:
-            k = torch.bucketize(mean[keep, 2].contiguous(), slice_edges[1:-1], right=True)
+            k = slice_index(mean[keep, 2], slice_edges)
             slice_e.index_add_(0, k, ev[keep])
             slice_ez.index_add_(0, k, ev[keep] * mean[keep, 2])
         counts["showers"] += len(sh)
