@@ -157,15 +157,15 @@ def _arc_voxel_encoder(p: torch.Tensor, r: torch.Tensor, batch: torch.Tensor, b:
     dx, dy, dz = grid
     nx = int(math.floor(float(r.max()) / dx + 0.5)) + 1
     ny = int(math.floor(float(r.max()) / dy + 0.5)) + 1
-    iz = torch.floor(p[:, 2] / dz + 0.5).to(torch.int64)
+    iz = _voxel_index(p[:, 2], dz)
     z0, nz = int(iz.min()), int(iz.max() - iz.min()) + 1
     if b * nz * (2 * nx + 1) * (2 * ny + 1) >= 2 ** 62:
         return None
 
     def encode(q: torch.Tensor, shower: torch.Tensor) -> torch.Tensor:
-        ix = torch.floor(q[:, 0] / dx + 0.5).to(torch.int64) + nx
-        iy = torch.floor(q[:, 1] / dy + 0.5).to(torch.int64) + ny
-        kz = torch.floor(q[:, 2] / dz + 0.5).to(torch.int64) - z0
+        ix = _voxel_index(q[:, 0], dx) + nx
+        iy = _voxel_index(q[:, 1], dy) + ny
+        kz = _voxel_index(q[:, 2], dz) - z0
         return ((shower * nz + kz) * (2 * nx + 1) + ix) * (2 * ny + 1) + iy
 
     return encode
@@ -182,7 +182,7 @@ def _bins(points: torch.Tensor, r_edges, z_edges,
     x, y = p[:, 0], p[:, 1]
     if grid is not None:
         dx, dy = float(grid[0]), float(grid[1])
-        x, y = torch.floor(x / dx + 0.5) * dx, torch.floor(y / dy + 0.5) * dy
+        x, y = _voxel_index(x, dx).to(p.dtype) * dx, _voxel_index(y, dy).to(p.dtype) * dy
     r = torch.hypot(x, y).contiguous()
     return (torch.bucketize(r, re, right=True),
             torch.bucketize(p[:, 2].contiguous(), ze, right=True))
@@ -202,12 +202,18 @@ def spread_boxes(points: torch.Tensor, table: torch.Tensor, r_edges=SPREAD_R_EDG
     return torch.stack([b[:, 0], b[:, 0], b[:, 1]], 1).to(points.dtype)
 
 
+def _voxel_index(values: torch.Tensor, step: float) -> torch.Tensor:
+    """Voxel index along one axis with ``reduce_points``' convention (voxels centred on
+    multiples of ``step``): ``floor(v / step + 1/2)``, int64."""
+    return torch.floor(values / step + 0.5).to(torch.int64)
+
+
 def _voxel_keys(points: torch.Tensor, batch: torch.Tensor, grid) -> torch.Tensor:
     """One int64 id per (shower, voxel) with the voxel convention of ``reduce_points`` (voxels
     centred on the axis: index ``floor(x / dx + 1/2)``); ids are ranks, 0 .. V-1."""
     cols = [batch.to(torch.int64)]
     for axis, d in enumerate(grid):
-        cols.append(torch.floor(points[:, axis].to(torch.float64) / d + 0.5).to(torch.int64))
+        cols.append(_voxel_index(points[:, axis].to(torch.float64), d))
     key = torch.zeros_like(cols[0])
     span = 1
     for c in cols:
