@@ -194,3 +194,74 @@ def test_flow_only_stage_keeps_the_point_network(tmp_path):
     with pytest.raises(ValueError, match="train.parts"):
         train({"model": TINY_MODEL, "train": {"parts": ["decoder"]}}, showers, tmp_path / "x",
               progress=False)
+
+
+def _two_depth_showers(n: int, seed: int = 0) -> Showers:
+    """Showers at one energy and angle, half of them starting shallow (depth ~2 X0) and half deep
+    (~7 X0): only the shape tells them apart."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.full((n,), 12)
+    deep = (torch.arange(n) % 2).repeat_interleave(counts)
+    p = int(counts.sum())
+    z = 2.0 + 5.0 * deep + 0.4 * torch.randn(p, generator=g)
+    xy = 0.5 * torch.randn(p, 2, generator=g)
+    e = torch.full((p,), 0.9 / 12)
+    return Showers.from_counts(torch.cat([xy, z[:, None], e[:, None]], 1), counts,
+                               energy=50.0, theta=1.0)
+
+
+def test_shape_conditioned_network_follows_the_given_shape(tmp_path):
+    showers = _two_depth_showers(40)
+    shape = ShowerModel(TINY_MODEL).codec.measure(showers.points, showers.batch, len(showers))
+    deep_shape, shallow_shape = (type(shape)(*(None if v is None else v[i:i + 1].repeat_interleave(
+        8, 0) for v in vars(shape).values())) for i in (1, 0))
+    depth = {}
+    for width in (0, 4):
+        model_cfg = {**TINY_MODEL, "epic": {**TINY_MODEL["epic"], "shape_embed": width},
+                     "edm": {"p_mean": 0.0, "p_std": 1.2}}
+        cfg = {"model": model_cfg, "train": {"steps": 300, "batch_showers": 8, "flow_batch": 8,
+                                             "lr": 3e-3, "warmup": 10, "val_fraction": 0,
+                                             "checkpoint_every": 1000, "parts": ["points"]}}
+        train(cfg, showers, tmp_path / f"w{width}", progress=False)
+        model = load_model(tmp_path / f"w{width}" / "model.pt")
+        one = torch.ones(8)
+        depth[width] = [float(model.sample(50 * one, one, 0 * one, shape=s, calibrate=False,
+                                           generator=torch.Generator().manual_seed(1)).points[:, 2]
+                              .mean()) for s in (deep_shape, shallow_shape)]
+    # the data hold showers ~5 X0 apart at the same (E, theta): a network that sees the shape
+    # puts its points at the depth it is given, one that does not cannot tell the two apart
+    assert depth[4][0] - depth[4][1] > 3.5, depth
+    assert abs(depth[0][0] - depth[0][1]) < 1.0, depth
+
+
+def test_shape_conditioning_starts_from_a_checkpoint_unchanged(tmp_path):
+    from pcshower.models.train import _init_from
+
+    showers = toy_showers(40)
+    cfg = {"model": TINY_MODEL, "train": {"steps": 6, "batch_showers": 8, "flow_batch": 16,
+                                          "checkpoint_every": 100, "warmup": 2}}
+    train(cfg, showers, tmp_path / "one", progress=False)
+    wide = {**TINY_MODEL, "epic": {**TINY_MODEL["epic"], "shape_embed": 4}}
+    model = ShowerModel(wide)
+    info = _init_from(model, tmp_path / "one" / "model.pt")
+    assert info["tensors_total"] - info["tensors_loaded"] == 4  # the embedding's weights, biases
+    old = load_model(tmp_path / "one" / "model.pt")
+    args = (torch.tensor([50.0, 20.0]), torch.tensor([1.2, 1.0]), torch.zeros(2))
+    a, b = (m.sample(*args, steps=2, calibrate=False, generator=torch.Generator().manual_seed(0))
+            for m in (old, model))
+    # the new conditioning inputs start at zero (equal up to the summation order of the wider
+    # matrix products)
+    torch.testing.assert_close(a.points, b.points, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pass shape_y"):
+        model.denoise(torch.zeros(3, 4), torch.ones(1), torch.zeros(1, 4), torch.zeros(3, dtype=torch.long),
+                      torch.tensor([3]))
+    with pytest.raises(ValueError, match="shape_embed must be >= 0"):
+        ShowerModel({**TINY_MODEL, "epic": {**TINY_MODEL["epic"], "shape_embed": -1}})
+    # the point stage trains the embedding with the network; the flow stays
+    cfg2 = {"model": wide, "train": {**cfg["train"], "parts": ["points"]}}
+    train(cfg2, showers, tmp_path / "two", progress=False, init_from=tmp_path / "one" / "model.pt")
+    one, two = (read_checkpoint(tmp_path / r / "model.pt") for r in ("one", "two"))
+    assert all(torch.equal(v, two["weights"][k]) for k, v in one["weights"].items()
+               if k.startswith("flow."))
+    assert not torch.equal(two["weights"]["shape_embed.2.weight"],
+                           model.state_dict()["shape_embed.2.weight"])

@@ -46,7 +46,11 @@ DEFAULT_MODEL_CONFIG = {
     # passes: None = fully autoregressive (sampling costs one network pass per feature);
     # 2 = coupling layers (two passes: fast sampling), see ShowerFlow
     "flow": {"transforms": 4, "hidden": [128, 128], "bins": 8, "passes": None},
-    "epic": {"point_dim": 64, "global_dim": 16, "hidden": 128, "layers": 3, "sum_scale": 100.0},
+    # shape_embed: width of a per-shower embedding of the shower's standardised shape features
+    # (the flow's vector: the true shape in training, the flow's sample in generation) appended
+    # to the point network's conditioning; 0: the network sees only E, angles, N and sigma
+    "epic": {"point_dim": 64, "global_dim": 16, "hidden": 128, "layers": 3, "sum_scale": 100.0,
+             "shape_embed": 0},
     "edm": {"sigma_data": 1.0, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,
             "sigma_max": 80.0, "rho": 7.0},
     "sampler": "heun",
@@ -125,7 +129,15 @@ class ShowerModel(nn.Module):
                                hidden=tuple(fc["hidden"]), bins=int(fc["bins"]),
                                passes=None if fc["passes"] is None else int(fc["passes"]))
         ec = cfg["epic"]
-        self.points_net = EPiCNetwork(4, 4, COND_DIM + 2, point_dim=int(ec["point_dim"]),
+        width = int(ec["shape_embed"])
+        if width < 0:
+            raise ValueError(f"epic.shape_embed must be >= 0 (0: off), got {width}")
+        # conditioning the points on the flow's shape: the calibration then deals the network's
+        # points to the slices it was asked for, instead of a profile it chose itself
+        self.shape_embed = None if width == 0 else nn.Sequential(
+            nn.Linear(self.codec.num_features, 4 * width), nn.LeakyReLU(0.01),
+            nn.Linear(4 * width, width))
+        self.points_net = EPiCNetwork(4, 4, COND_DIM + 2 + width, point_dim=int(ec["point_dim"]),
                                       global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
                                       layers=int(ec["layers"]), sum_scale=float(ec["sum_scale"]))
         sc = cfg["split"]
@@ -219,12 +231,27 @@ class ShowerModel(nn.Module):
         y = (shape_y - self.norm.shape_mean) / self.norm.shape_std
         return -self.flow.log_prob(y, cond).mean() / y.shape[1]
 
+    def shape_context(self, shape: ShowerShape) -> torch.Tensor | None:
+        """``[B, F]`` standardised shape features the point network is conditioned on (``None``
+        for a model without ``epic.shape_embed``)."""
+        if self.shape_embed is None:
+            return None
+        return (self.codec.encode(shape) - self.norm.shape_mean) / self.norm.shape_std
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
-                batch: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """EDM denoiser :math:`D(x;\\sigma)` on normalised points; ``sigma`` per shower ``[B]``."""
+                batch: torch.Tensor, counts: torch.Tensor,
+                shape_y: torch.Tensor | None = None) -> torch.Tensor:
+        """EDM denoiser :math:`D(x;\\sigma)` on normalised points; ``sigma`` per shower ``[B]``;
+        ``shape_y`` the :meth:`shape_context` (required with ``epic.shape_embed``)."""
         c_skip, c_out, c_in, c_noise = self.edm.coefficients(sigma)
         ln_n = (counts.float().clamp(min=1).log() - self.norm.cond_stats[4]) / self.norm.cond_stats[5]
-        full = torch.cat([cond, c_noise[:, None], ln_n[:, None]], 1)
+        full = [cond, c_noise[:, None], ln_n[:, None]]
+        if self.shape_embed is not None:
+            if shape_y is None:
+                raise ValueError("this model's point network is conditioned on the shower shape "
+                                 "(epic.shape_embed): pass shape_y")
+            full.append(self.shape_embed(shape_y.to(x.dtype)))
+        full = torch.cat(full, 1)
         f = self.points_net(x * c_in[batch, None], full, batch, counts)
         return c_skip[batch, None] * x + c_out[batch, None] * f
 
@@ -240,7 +267,8 @@ class ShowerModel(nn.Module):
         else:
             sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(showers))
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts)
+        shape_y = self.shape_context(self.codec.measure(showers.points, batch, len(showers)))
+        d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts, shape_y)
         w = self.edm.loss_weight(sigma)[batch]
         return (w * ((d - x) ** 2).mean(1)).mean()
 
@@ -294,11 +322,14 @@ class ShowerModel(nn.Module):
     @torch.no_grad()
     def sample(self, energy, theta, phi, *, steps: int | None = None, sampler: str | None = None,
                generator: torch.Generator | None = None, calibrate: bool = True,
-               cond_phi=None) -> Showers:
+               cond_phi=None, shape: ShowerShape | None = None) -> Showers:
         """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad.
 
         ``calibrate=False`` returns the network's raw points (no calibration to the sampled
         shape, no sub-voxel split: see :meth:`postprocess`).
+
+        ``shape``: a :class:`ShowerShape` of ``B`` showers to use instead of the flow's sample
+        (e.g. ``model.codec.measure`` of reference showers, to test the point network alone).
 
         ``cond_phi`` (rad), when given, replaces ``phi`` in the network's conditioning only (for
         models trained at one azimuth); the showers still carry ``phi``."""
@@ -311,8 +342,12 @@ class ShowerModel(nn.Module):
         else:
             cond = self.condition(energy, theta, torch.as_tensor(
                 cond_phi, dtype=torch.float64, device=dev).reshape(-1).expand_as(phi))
-        shape = self.sample_shape(cond, generator)
-        counts = shape.num_points
+        if shape is None:
+            shape = self.sample_shape(cond, generator)
+        elif len(shape.num_points) != len(cond):
+            raise ValueError(f"shape holds {len(shape.num_points)} showers for {len(cond)} "
+                             f"conditions")
+        counts = shape.num_points.to(dev)
         b = len(counts)
         ptr = torch.zeros(b + 1, dtype=torch.int64, device=dev)
         torch.cumsum(counts, 0, out=ptr[1:])
@@ -324,8 +359,10 @@ class ShowerModel(nn.Module):
                                self.edm.sigma_max, self.edm.rho, device=dev)
         x = torch.randn(int(ptr[-1]), 4, generator=generator, device=dev) * sigmas[0]
 
+        shape_y = self.shape_context(shape)
+
         def denoiser(x, sigma):
-            return self.denoise(x, sigma.expand(b), cond, batch, counts)
+            return self.denoise(x, sigma.expand(b), cond, batch, counts, shape_y)
 
         points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
         if calibrate:

@@ -161,8 +161,10 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     model.fit_normalization(train_set)
     if tc["init_from"]:
         provenance["init_from"] = _init_from(model, tc["init_from"], refit_shape="flow" in parts)
-    for name, net in (("flow", model.flow), ("points", model.points_net)):
-        net.requires_grad_(name in parts)
+    for name, net in (("flow", model.flow), ("points", model.points_net),
+                      ("points", model.shape_embed)):
+        if net is not None:
+            net.requires_grad_(name in parts)
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -275,6 +277,10 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
         source = {k: v for k, v in source.items()
                   if not k.startswith("flow.") and k not in ("norm.shape_mean", "norm.shape_std")}
     target = model.state_dict()
+    grown = int(model.config["epic"]["shape_embed"]) - int(theirs["epic"]["shape_embed"])
+    if grown > 0:
+        source = {k: _widen_conditioning(v, target[k], grown) if k.startswith("points_net.") and
+                  k in target else v for k, v in source.items()}
     loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     refit = {"norm.shape_mean", "norm.shape_std"} if refit_shape else set()
     missing = [k for k in target if k.startswith("norm.") and k not in loaded and k not in refit]
@@ -284,6 +290,18 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
     return {"path": str(path), "sha256": body["sha256"], "tensors_loaded": len(loaded),
             "tensors_total": len(target), "new_shape_features": new_features,
             "metrics": body.get("metrics", {})}
+
+
+def _widen_conditioning(theirs: torch.Tensor, ours: torch.Tensor, grown: int) -> torch.Tensor:
+    """A point-network weight from a checkpoint whose conditioning vector was ``grown`` features
+    shorter (a larger ``epic.shape_embed`` here). Every Linear of :class:`EPiCNetwork` takes the
+    conditioning as the last block of its input, so the new inputs are the last columns: they
+    start at zero and the network computes what the checkpoint's did until trained."""
+    if theirs.dim() != 2 or ours.shape != (theirs.shape[0], theirs.shape[1] + grown):
+        return theirs
+    out = torch.zeros_like(ours)
+    out[:, :theirs.shape[1]] = theirs
+    return out
 
 
 def _device_gen(gen: torch.Generator, device: torch.device):
