@@ -133,7 +133,8 @@ class ShowerModel(nn.Module):
         if width < 0:
             raise ValueError(f"epic.shape_embed must be >= 0 (0: off), got {width}")
         # conditioning the points on the flow's shape: the calibration then deals the network's
-        # points to the slices it was asked for, instead of a profile it chose itself
+        # points to the slices it was asked for, instead of a profile it chose itself (measured
+        # for the default model: no better, docs/models.md session 6)
         self.shape_embed = None if width == 0 else nn.Sequential(
             nn.Linear(self.codec.num_features, 4 * width), nn.LeakyReLU(0.01),
             nn.Linear(4 * width, width))
@@ -267,7 +268,8 @@ class ShowerModel(nn.Module):
         else:
             sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(showers))
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        shape_y = self.shape_context(self.codec.measure(showers.points, batch, len(showers)))
+        shape_y = None if self.shape_embed is None else self.shape_context(
+            self.codec.measure(showers.points, batch, len(showers)))
         d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts, shape_y)
         w = self.edm.loss_weight(sigma)[batch]
         return (w * ((d - x) ** 2).mean(1)).mean()
