@@ -265,3 +265,45 @@ def test_shape_conditioning_starts_from_a_checkpoint_unchanged(tmp_path):
                if k.startswith("flow."))
     assert not torch.equal(two["weights"]["shape_embed.2.weight"],
                            model.state_dict()["shape_embed.2.weight"])
+
+
+def test_combine_takes_each_part_from_its_run(tmp_path):
+    """A point-network run and a flow run trained apart (in parallel) make one checkpoint: its
+    flow samples what the flow run's does, its network denoises as the point run's does."""
+    from pcshower.models.checkpoint import CheckpointError, combine_checkpoints
+
+    showers = toy_showers(30)
+    base = {"steps": 4, "batch_showers": 8, "flow_batch": 16, "checkpoint_every": 100, "warmup": 2}
+    train({"model": TINY_MODEL, "train": {**base, "parts": ["points"]}}, showers, tmp_path / "p",
+          progress=False)
+    bigger = {**TINY_MODEL, "flow": {"transforms": 2, "hidden": [24], "passes": 2}}
+    train({"model": bigger, "train": {**base, "parts": ["flow"], "seed": 3}}, showers[:20],
+          tmp_path / "f", progress=False)
+    combine_checkpoints(tmp_path / "p" / "model.pt", tmp_path / "f" / "model.pt", tmp_path / "c.pt")
+    p, f, c = (load_model(x) for x in (tmp_path / "p" / "model.pt", tmp_path / "f" / "model.pt",
+                                        tmp_path / "c.pt"))
+    assert c.config["flow"] == {**f.config["flow"], **bigger["flow"]} != p.config["flow"]
+    cond = c.condition(torch.tensor([20.0, 80.0], dtype=torch.float64),
+                       torch.tensor([0.6, 1.3], dtype=torch.float64), torch.zeros(2))
+    for a, b in ((c, f), (f, f)):
+        sa = a.sample_shape(cond, torch.Generator().manual_seed(1))
+        sb = b.sample_shape(cond, torch.Generator().manual_seed(1))
+        assert torch.equal(sa.num_points, sb.num_points) and torch.equal(sa.slice_energy, sb.slice_energy)
+    # the runs measured their statistics on different showers: each part keeps its own
+    assert not torch.equal(p.norm.shape_mean, f.norm.shape_mean)
+    assert torch.equal(c.norm.shape_mean, f.norm.shape_mean)
+    assert torch.equal(c.norm.point_mean, p.norm.point_mean)
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(2))
+    args = (x, torch.full((2,), 0.5), cond, torch.tensor([0] * 4 + [1] * 6), torch.tensor([4, 6]))
+    assert torch.equal(c.denoise(*args), p.denoise(*args))
+    assert not torch.equal(c.denoise(*args), f.denoise(*args))
+    assert read_checkpoint(tmp_path / "c.pt")["provenance"]["combined"]["flow"]["sha256"] == \
+        read_checkpoint(tmp_path / "f" / "model.pt")["sha256"]
+    # other shape features: the flow would sample what the calibration reads differently
+    ringed = {**TINY_MODEL, "rings": [0.5, 1.0]}
+    train({"model": ringed, "train": {**base, "parts": ["flow"]}}, showers, tmp_path / "r",
+          progress=False)
+    with pytest.raises(CheckpointError, match=r"differ in \['rings'\]"):
+        combine_checkpoints(tmp_path / "p" / "model.pt", tmp_path / "r" / "model.pt",
+                            tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()

@@ -19,7 +19,7 @@ import torch
 from pcshower.io._atomic import atomic_path
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_model", "checkpoint_state",
-           "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+           "combine_checkpoints", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "pcshower-checkpoint"
 #: Bumped whenever the layout of the dict or the meaning of a weight changes.
@@ -139,3 +139,41 @@ def model_payload(model, *, metrics: dict | None = None, provenance: dict | None
         "metrics": metrics or {},
         "provenance": provenance or {},
     }
+
+
+#: Normalisation buffers that belong to the flow (its standardised shape features).
+_FLOW_NORM = ("norm.shape_mean", "norm.shape_std")
+
+
+def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
+                        out: str | os.PathLike) -> Path:
+    """One checkpoint from two runs trained apart (e.g. in parallel, ``train.parts: [points]``
+    and ``[flow]``): the flow and its shape-feature statistics of ``flow``, everything else
+    (point network, point and condition statistics, generation-time tables) of ``points``.
+
+    The config is ``flow``'s; the two configs may differ only in the flow's own size
+    (``flow``) — the shape features (slices, rings), the point network and every
+    generation-time setting must agree, else the flow would sample features the calibration
+    reads differently. Atomic write; the provenance names both files and their digests."""
+    pb, fb = read_checkpoint(points), read_checkpoint(flow)
+    from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, merge_config
+
+    pc, fc = (merge_config(DEFAULT_MODEL_CONFIG, b["config"]) for b in (pb, fb))
+    differ = sorted(k for k in fc if k != "flow" and fc[k] != pc[k])
+    if differ:
+        raise CheckpointError(f"cannot combine {points} and {flow}: their model configs differ in "
+                              f"{differ} (only the flow's own size may differ); train both parts "
+                              f"with the same model section")
+    if pb["frame"] != fb["frame"]:
+        raise CheckpointError(f"cannot combine a {pb['frame']!r}-frame and a {fb['frame']!r}-frame "
+                              f"checkpoint")
+    model = ShowerModel(fc)
+    ps, fs = checkpoint_state(pb), checkpoint_state(fb)
+    state = {k: (fs if k.startswith("flow.") or k in _FLOW_NORM else ps)[k]
+             for k in model.state_dict()}
+    model.load_state_dict(state)
+    provenance = {"combined": {part: {"path": str(path), "sha256": b["sha256"],
+                                      "provenance": b.get("provenance", {})}
+                               for part, path, b in (("points", points, pb), ("flow", flow, fb))}}
+    metrics = {"points": pb.get("metrics", {}), "flow": fb.get("metrics", {})}
+    return save_checkpoint(out, model_payload(model, metrics=metrics, provenance=provenance))

@@ -1,4 +1,5 @@
-"""The ``pcshower train``, ``pcshower fit-split`` and ``pcshower generate`` subcommands."""
+"""The ``pcshower train``, ``pcshower combine``, ``pcshower fit-split`` and ``pcshower generate``
+subcommands."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def register(subparsers) -> None:
                         "(slice_core_radius; default: the model's)")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_fit_split)
+
+    c = subparsers.add_parser(
+        "combine", help="one checkpoint from a point-network run and a flow run trained apart",
+        description="Write one checkpoint with the flow (and its shape-feature statistics) of FLOW "
+                    "and everything else of POINTS: for the two parts of a model trained in "
+                    "parallel (train.parts: [points] and [flow], same model section but the "
+                    "flow's size).")
+    c.add_argument("points", help="checkpoint whose point network is kept")
+    c.add_argument("flow", help="checkpoint whose flow is kept")
+    c.add_argument("--out", required=True, help="checkpoint to write (atomic)")
+    c.set_defaults(func=_combine)
 
     g = subparsers.add_parser(
         "generate", help="generate showers with the shipped (or a given) model",
@@ -160,6 +172,14 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
                                                           "slice_depth") if k in info}}
     save_checkpoint(out, model_payload(fitted, metrics=body.get("metrics"), provenance=provenance))
     return info
+
+
+def _combine(args) -> int:
+    from pcshower.models.checkpoint import combine_checkpoints
+
+    combine_checkpoints(args.points, args.flow, args.out)
+    print(f"wrote {args.out}: point network of {args.points}, flow of {args.flow}")
+    return 0
 
 
 def _fit_split(args) -> int:
