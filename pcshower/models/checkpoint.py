@@ -142,7 +142,13 @@ def model_payload(model, *, metrics: dict | None = None, provenance: dict | None
 
 
 #: Normalisation buffers that belong to the flow (its standardised shape features).
-_FLOW_NORM = ("norm.shape_mean", "norm.shape_std")
+FLOW_NORM_KEYS = frozenset({"norm.shape_mean", "norm.shape_std"})
+
+
+def is_flow_state(key: str) -> bool:
+    """Whether a model ``state_dict`` key belongs to the flow: its weights or the statistics of
+    the shape features it samples (the rest is the point network's and shared conditioning)."""
+    return key.startswith("flow.") or key in FLOW_NORM_KEYS
 
 
 def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
@@ -169,7 +175,7 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
                               f"checkpoint")
     model = ShowerModel(fc)
     ps, fs = checkpoint_state(pb), checkpoint_state(fb)
-    state = {k: (fs if k.startswith("flow.") or k in _FLOW_NORM else ps)[k]
+    state = {k: (fs if is_flow_state(k) else ps)[k]
              for k in model.state_dict()}
     model.load_state_dict(state)
     provenance = {"combined": {part: {"path": str(path), "sha256": b["sha256"],

@@ -23,8 +23,9 @@ import torch
 import yaml
 
 from pcshower.data.showers import Showers
-from pcshower.models.checkpoint import (CheckpointError, checkpoint_state, model_payload,
-                                        read_checkpoint, save_checkpoint)
+from pcshower.models.checkpoint import (FLOW_NORM_KEYS, CheckpointError, checkpoint_state,
+                                        is_flow_state, model_payload, read_checkpoint,
+                                        save_checkpoint)
 from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, _check_physics, merge_config
 
 __all__ = ["train", "load_config", "DEFAULT_TRAIN_CONFIG"]
@@ -274,15 +275,14 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
             raise ValueError(f"init_from {path}: its flow samples other shape features "
                              f"({', '.join(new_features)} differ), so the flow must be trained: "
                              f"add 'flow' to train.parts")
-        source = {k: v for k, v in source.items()
-                  if not k.startswith("flow.") and k not in ("norm.shape_mean", "norm.shape_std")}
+        source = {k: v for k, v in source.items() if not is_flow_state(k)}
     target = model.state_dict()
     grown = int(model.config["epic"]["shape_embed"]) - int(theirs["epic"]["shape_embed"])
     if grown > 0:
         source = {k: _widen_conditioning(v, target[k], grown) if k.startswith("points_net.") and
                   k in target else v for k, v in source.items()}
     loaded = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
-    refit = {"norm.shape_mean", "norm.shape_std"} if refit_shape else set()
+    refit = FLOW_NORM_KEYS if refit_shape else frozenset()
     missing = [k for k in target if k.startswith("norm.") and k not in loaded and k not in refit]
     if missing:
         raise ValueError(f"init_from {path}: its normalisation does not fit this model ({missing})")
