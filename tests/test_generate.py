@@ -1,6 +1,7 @@
 """`pcshower.generate` and `pcshower generate`: reproducibility, ranges, geometry, files, shipped model."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ import torch
 import pcshower
 from pcshower.cli import main
 from pcshower.data import Showers
+from pcshower.models.checkpoint import load_model
 from pcshower.models.generate import default_model_path, generate
-from pcshower.models.train import train
+from pcshower.models.model import DEFAULT_MODEL_CONFIG, merge_config
+from pcshower.models.train import load_config, train
 
 TINY = {"slices": {"num": 6, "z_max_x0": 24.0}, "flow": {"transforms": 1, "hidden": [16]},
         "epic": {"point_dim": 8, "global_dim": 4, "hidden": 16, "layers": 1}, "steps": 3}
@@ -153,3 +156,25 @@ def test_shipped_default_model_generates():
         warnings.simplefilter("error")
         s = pcshower.generate(energy=50, angle=90, geometry="ild", n=2, seed=0, steps=2)
     assert len(s) == 2 and s.hits is not None and s.hits.num_hits.min() > 0
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_a_valid_training_config(path):
+    cfg = load_config(path)
+    assert cfg["train"]["steps"] > 0
+
+
+def test_the_default_recipe_describes_the_shipped_model():
+    """configs/default_flow.yaml (whose flow the shipped file carries) gives the shipped model's
+    config, up to the split settings that `pcshower fit-split --factor 4 --snap-depth` adds."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shipped = load_model(default_model_path()).config
+    for name in ("default_flow.yaml", "default_points.yaml"):
+        recipe = merge_config(DEFAULT_MODEL_CONFIG, load_config(root / name)["model"])
+        if name == "default_points.yaml":  # its flow section is unused: combine takes the flow run's
+            recipe["flow"] = shipped["flow"]
+        recipe["split"].update(factor=4, spread=True, snap_depth=True)
+        assert recipe == shipped, name
