@@ -1,23 +1,26 @@
 """Data recipe and fidelity evaluation of the shipped default model (results in docs/models.md).
 
-Usage::
+Usage (the shipped model's recipe; the full command list with the training runs is in
+docs/models.md, "The shipped default model")::
 
-    # training and held-out reference showers (physics frame, GFlash photons in the ILD stack)
-    python benchmarks/default_model.py data train.parquet --n 15000 --seed 1 \\
-        --grid 0.05,0.05,0.25 0.25,0.25,1.0
+    # training showers (physics frame, GFlash photons in the ILD stack) on the training grid
+    # (0.1 R_M, 0.1 R_M, 0.5 X0), and the same showers on the fine grid only (for fit-split)
+    python benchmarks/default_model.py data flow/train_s1.parquet --n 15000 --seed 1 \\
+        --grid 0.05,0.05,0.25 0.1,0.1,0.5
+    python benchmarks/default_model.py data train_fine.parquet --n 15000 --seed 1 --grid 0.05,0.05,0.25
+    # more showers of another seed for the flow (its run used the first 15 000 of them)
+    python benchmarks/default_model.py data extra_s3.parquet --n 35000 --seed 3 \\
+        --grid 0.05,0.05,0.25 0.1,0.1,0.5
+    # 10 000 held-out reference showers, fine grid only
     python benchmarks/default_model.py data reference.parquet --n 10000 --seed 2 --grid 0.05,0.05,0.25
-    # 35 000 more training showers (another seed) for the flow of stage 3 (flow_data/ holds
-    # these and train.parquet)
-    python benchmarks/default_model.py data flow_data/extra.parquet --n 35000 --seed 3 \\
-        --grid 0.05,0.05,0.25 0.25,0.25,1.0
     # model vs reference on ILD cells (the first --n-gen reference showers give the conditions,
     # the others are the reference)
     python benchmarks/default_model.py evaluate pcshower/weights/default.pt reference.parquet \\
-        --n-gen 1000 --steps 8 --out eval_default
+        --n-gen 1000 --steps 16 --seed 124 --out eval_default
     # what the training grid alone costs: reference showers merged on it (and split back) instead
     # of a model; --spread-data: split over boxes measured on those (finer) training showers
-    python benchmarks/default_model.py grid-baseline reference.parquet --grid 0.25,0.25,1.0 \\
-        --split 16 --spread-data train_fine.parquet --n-gen 1000 --out eval_grid
+    python benchmarks/default_model.py grid-baseline reference.parquet --grid 0.1,0.1,0.5 \\
+        --split 4 --n-gen 1000 --out eval_grid
 
 Showers: E uniform in 10-100 GeV, global theta uniform in 30-90 deg, phi = 0, from the
 parametrised engine in the ILD stack's equivalent medium. The physics frame is the shower's own

@@ -22,10 +22,11 @@ from pcshower.units import deg_to_rad, particle_code, particle_name
 __all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
 
 #: Showers generated, placed and projected per pass when ``batch_size`` is not given: the
-#: memory bound. With the shipped model (x16 split, ~20-30k detector points per shower) one pass
-#: of 500 showers peaked at 4.6 GB of host memory (3000 showers in passes of 500: 5.2 GB; 600
-#: in passes of 256: 2.9 GB, all `pcshower generate --steps 1`); 256 costs nothing per shower on
-#: a CPU (docs/benchmarks.md, table 0).
+#: memory bound. With the shipped model (x4 split, ~15 800 detector points per shower) the README
+#: command's 200 showers (one pass) peaked at 1.8 GB of host memory; with the previous default
+#: (x16 split, ~20-30k points) one pass of 500 showers peaked at 4.6 GB (3000 showers in passes of
+#: 500: 5.2 GB; 600 in passes of 256: 2.9 GB, `pcshower generate --steps 1`). 256 costs nothing
+#: per shower on a CPU (docs/benchmarks.md, table 0).
 DEFAULT_BATCH_SIZE = 256
 #: Conditions within this fraction of the range's width outside the training range still count
 #: as inside: a model trained on uniform 10-100 GeV saw 10.004-99.998 GeV, and 10 and 100 GeV
