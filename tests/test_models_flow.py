@@ -242,3 +242,21 @@ def test_centred_slices_hold_whole_layers_of_merged_points():
     plain = ShapeCodec(slice_edges(30, 30.0)).slice_of(merged.points[:, 2])
     split = [int(plain[layer == k].unique().numel()) for k in range(2, 15)]
     assert max(split) == 2  # the integer edges cut merged layers in two
+
+
+@pytest.mark.parametrize("rings", [None, RINGS])
+def test_measuring_in_chunks_gives_the_same_shapes(rings):
+    from pcshower.data import Showers
+
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([40, 3, 100, 1, 57, 12, 30])
+    pts, _ = _toy(g, counts)
+    showers = Showers.from_counts(pts, counts, energy=torch.full((7,), 50.0, dtype=torch.float64))
+    codec = ShapeCodec(torch.linspace(0, 12, 7), r_edges=rings)
+    whole = codec.measure(showers.points, showers.batch, len(showers))
+    for chunk in (1, 3, 7, 100):
+        part = codec.measure_showers(showers, chunk=chunk)
+        for name in ("num_points", "visible_energy", "cog", "slice_energy", "slice_points",
+                     "ring_energy"):
+            a, b = getattr(whole, name), getattr(part, name)
+            assert (a is None and b is None) or torch.equal(a, b), (chunk, name)

@@ -109,3 +109,21 @@ def test_split_sub_points_take_one_stratum_each_along_every_axis():
     for parent in range(2):
         for axis in range(3):
             assert sorted(strata[parent, :, axis].tolist()) == [0, 1, 2, 3]
+
+
+def test_point_normalisation_is_the_mean_and_std_of_the_point_features():
+    from pcshower.data import Showers
+    from pcshower.models.model import ShowerModel
+
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([300, 50, 1000, 7])
+    p = int(counts.sum())
+    pts = torch.stack([torch.randn(p, generator=g) * 0.7 + 0.1, torch.randn(p, generator=g),
+                       torch.rand(p, generator=g) * 25, torch.rand(p, generator=g) * 1e-3 + 1e-5], 1)
+    showers = Showers.from_counts(pts, counts, energy=torch.tensor([10.0, 20, 50, 90], dtype=torch.float64),
+                                  theta=torch.full((4,), 1.2, dtype=torch.float64))
+    model = ShowerModel({"slices": {"num": 6, "z_max_x0": 24.0}})
+    model.fit_normalization(showers)
+    feats = torch.cat([pts[:, :3], pts[:, 3:].log()], 1).double()
+    assert torch.allclose(model.norm.point_mean.double(), feats.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model.norm.point_std.double(), feats.std(0), rtol=1e-5)

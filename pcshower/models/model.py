@@ -175,13 +175,20 @@ class ShowerModel(nn.Module):
         """Measure feature means/standard deviations and condition ranges on physics-frame
         training showers."""
         _check_physics(showers)
-        shape = self.codec.measure(showers.points, showers.batch, len(showers))
+        shape = self.codec.measure_showers(showers)
         y = self.codec.encode(shape)
         self.norm.shape_mean.copy_(y.mean(0))
         self.norm.shape_std.copy_(y.std(0).clamp(min=1e-3))
-        p = self._point_features_raw(showers.points)
-        self.norm.point_mean.copy_(p.mean(0))
-        self.norm.point_std.copy_(p.std(0).clamp(min=1e-3))
+        # point features: float64 sums over chunks of points (no [P, 4] copy of all points)
+        s1 = s2 = torch.zeros(4, dtype=torch.float64)
+        for part in showers.points.split(1 << 22):
+            f = self._point_features_raw(part).double()
+            s1, s2 = s1 + f.sum(0), s2 + (f * f).sum(0)
+        n = max(showers.total_points, 2)
+        mean = s1 / n
+        var = ((s2 - n * mean * mean) / (n - 1)).clamp(min=0)
+        self.norm.point_mean.copy_(mean.float())
+        self.norm.point_std.copy_(var.sqrt().float().clamp(min=1e-3))
         le, th = showers.energy.log().float(), showers.theta.float()
         ln_n = shape.num_points.float().clamp(min=1).log()
         self.norm.cond_stats.copy_(torch.tensor([le.mean(), le.std().clamp(min=1e-2), th.mean(),

@@ -152,6 +152,8 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     n_val = min(n_val, len(data) - 1)
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     train_set, val_set = data[train_idx], data[val_idx] if n_val else None
+    fingerprint = _fingerprint(data)
+    del data  # train_set and val_set are copies: keep one set of points in memory
 
     model = ShowerModel(cfg["model"])
     parts = list(tc["parts"])
@@ -172,11 +174,13 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     opt = torch.optim.AdamW(trainable, lr=tc["lr"], weight_decay=tc["weight_decay"])
 
     # shape features of every training shower, computed once (the flow sees large batches)
-    shape = model.codec.measure(train_set.points, train_set.batch, len(train_set))
+    shape = model.codec.measure_showers(train_set)
     shape_y = model.codec.encode(shape, torch.zeros(len(train_set))).to(device)
     cond_all = model.condition(train_set.energy.to(device), train_set.theta.to(device),
                                train_set.phi.to(device))
-    train_set = train_set.to(device)
+    n_train = len(train_set)
+    # a flow-only run needs each shower's shape and conditions, not its points
+    train_set = train_set.to(device) if "points" in parts else None
 
     step, elapsed, rows = 0, 0.0, []
     if resume:
@@ -184,9 +188,9 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         state = body.get("training_state")
         if state is None:
             raise CheckpointError(f"{last} holds no training state to resume from")
-        if state["fingerprint"] != _fingerprint(data):
+        if state["fingerprint"] != fingerprint:
             raise ValueError(f"--resume: the training data differ from the run's data "
-                             f"({state['fingerprint']} vs {_fingerprint(data)})")
+                             f"({state['fingerprint']} vs {fingerprint})")
         if body["config"] != model.config:
             raise ValueError("--resume: the model config differs from the run's config")
         model.load_state_dict(state["model"])
@@ -200,7 +204,6 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         yaml.safe_dump({"model": model.config, "train": tc, "data": cfg["data"]}, f, sort_keys=False)
 
     use_amp = bool(tc["amp"]) and device.type == "cuda"
-    n_train = len(train_set)
     bar = tqdm(total=int(tc["steps"]), initial=step, disable=not progress, desc="train",
                unit="step", dynamic_ncols=True)
     running = None
@@ -214,11 +217,11 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         u = torch.rand(fidx.numel(), generator=gen)
         y = shape_y[fidx.to(device)].clone()
         y[:, 0] = (shape.num_points[fidx].float() + u).log().to(device)
-        batch = train_set[pidx.to(device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             zero = torch.zeros((), device=device)
             flow_loss = model.flow_loss(y, cond_all[fidx.to(device)]) if "flow" in parts else zero
-            point_loss = (model.point_loss(batch, cond_all[pidx.to(device)], _device_gen(gen, device))
+            point_loss = (model.point_loss(train_set[pidx.to(device)], cond_all[pidx.to(device)],
+                                           _device_gen(gen, device))
                           if "points" in parts else zero)
             loss = flow_loss + point_loss
         opt.zero_grad(set_to_none=True)
@@ -241,7 +244,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         bar.update(1)
         if step % int(tc["checkpoint_every"]) == 0 or step == int(tc["steps"]):
             now = elapsed + time.perf_counter() - t0
-            _save_state(last, model, ema, opt, gen, step, now, data, provenance)
+            _save_state(last, model, ema, opt, gen, step, now, fingerprint, provenance)
     bar.close()
     elapsed += time.perf_counter() - t0
 
@@ -317,7 +320,7 @@ def _device_gen(gen: torch.Generator, device: torch.device):
 def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
     """Held-out flow NLL and EDM loss with the EMA weights (fixed noise draws)."""
     g = torch.Generator().manual_seed(seed + 1)
-    shape = model.codec.measure(val.points, val.batch, len(val))
+    shape = model.codec.measure_showers(val)
     cond = model.condition(val.energy, val.theta, val.phi)
     y = model.codec.encode(shape).to(val.device)
     flow = float(model.flow_loss(y, cond))
@@ -327,12 +330,12 @@ def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
     return {"val_flow_loss": flow, "val_point_loss": sum(losses) / len(losses)}
 
 
-def _save_state(path: Path, model, ema, opt, gen, step, elapsed, data, provenance) -> None:
+def _save_state(path: Path, model, ema, opt, gen, step, elapsed, fingerprint, provenance) -> None:
     payload = model_payload(ema, provenance=provenance)
     payload["training_state"] = {
         "step": step, "elapsed_s": elapsed, "model": model.state_dict(),
         "optimizer": opt.state_dict(), "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(), "fingerprint": _fingerprint(data)}
+        "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint}
     save_checkpoint(path, payload)
 
 
