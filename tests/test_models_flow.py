@@ -1,5 +1,7 @@
 """ShowerFlow learns a known distribution; the shape codec and the calibration keep their promises."""
 
+import math
+
 import pytest
 import torch
 
@@ -260,3 +262,22 @@ def test_measuring_in_chunks_gives_the_same_shapes(rings):
                      "ring_energy"):
             a, b = getattr(whole, name), getattr(part, name)
             assert (a is None and b is None) or torch.equal(a, b), (chunk, name)
+
+
+def test_dequantised_zero_fractions_decode_back_to_zero():
+    g = torch.Generator().manual_seed(4)
+    codec = ShapeCodec(torch.linspace(0, 12, 7), eps=1e-5, r_edges=RINGS, dequantize_zeros=True)
+    counts = torch.tensor([40, 3, 100])
+    pts, batch = _toy(g, counts)
+    pts[:, 2] = pts[:, 2].clamp(max=7.9)  # the last two slices stay empty
+    shape = codec.measure(pts, batch, 3)
+    zero = codec.zero_fractions(shape)
+    assert not zero[:, :5].any() and zero[:, 5 + 4:5 + 6].all() and zero[:, 11 + 4:11 + 6].all()
+    y = codec.dequantize_zeros(codec.encode(shape), zero, torch.rand(3, codec.num_features, generator=g))
+    assert bool((y[zero] > math.log(1e-5)).any()) and bool((y[zero] < math.log(2e-5)).all())
+    back = codec.decode(y)
+    assert bool((back.slice_energy[shape.slice_energy == 0] == 0).all())
+    assert bool((back.slice_points[shape.slice_points == 0] == 0).all())
+    assert torch.allclose(back.slice_energy, shape.slice_energy, rtol=1e-4, atol=1e-6)
+    assert torch.equal(back.slice_points, shape.slice_points)
+

@@ -307,3 +307,11 @@ def test_combine_takes_each_part_from_its_run(tmp_path):
         combine_checkpoints(tmp_path / "p" / "model.pt", tmp_path / "r" / "model.pt",
                             tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+    # how the flow encodes its fractions is the flow's own business (the network does not read
+    # them): a dequantised flow combines, and the combined model decodes as that flow does
+    deq = {**TINY_MODEL, "fraction_eps": 1e-5, "fraction_dequantize": True}
+    train({"model": deq, "train": {**base, "parts": ["flow"]}}, showers, tmp_path / "d",
+          progress=False)
+    combine_checkpoints(tmp_path / "p" / "model.pt", tmp_path / "d" / "model.pt", tmp_path / "cd.pt")
+    cd = load_model(tmp_path / "cd.pt")
+    assert cd.codec.dequantize and cd.codec.eps == 1e-5

@@ -158,17 +158,22 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
     (point network, point and condition statistics, generation-time tables) of ``points``.
 
     The config is ``flow``'s; the two configs may differ only in the flow's own size
-    (``flow``) — the shape features (slices, rings), the point network and every
+    (``flow``) and the encoding of its fractions (``fraction_eps``, ``fraction_dequantize``;
+    not for a shape-conditioned point network) — the shape features (slices, rings), the
+    point network and every
     generation-time setting must agree, else the flow would sample features the calibration
     reads differently. Atomic write; the provenance names both files and their digests."""
     pb, fb = read_checkpoint(points), read_checkpoint(flow)
     from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, merge_config
 
     pc, fc = (merge_config(DEFAULT_MODEL_CONFIG, b["config"]) for b in (pb, fb))
-    differ = sorted(k for k in fc if k != "flow" and fc[k] != pc[k])
+    # the flow's size and how its fraction features are encoded concern the flow alone, unless
+    # the point network reads the shape features too (epic.shape_embed)
+    own = {"flow"} | (set() if pc["epic"]["shape_embed"] else {"fraction_eps", "fraction_dequantize"})
+    differ = sorted(k for k in fc if k not in own and fc[k] != pc[k])
     if differ:
         raise CheckpointError(f"cannot combine {points} and {flow}: their model configs differ in "
-                              f"{differ} (only the flow's own size may differ); train both parts "
+                              f"{differ} (only {sorted(own)} may differ); train both parts "
                               f"with the same model section")
     if pb["frame"] != fb["frame"]:
         raise CheckpointError(f"cannot combine a {pb['frame']!r}-frame and a {fb['frame']!r}-frame "

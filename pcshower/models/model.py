@@ -33,6 +33,10 @@ DEFAULT_MODEL_CONFIG = {
     # that depth, see showerflow.slice_edges) rather than starting there
     "slices": {"num": 30, "z_max_x0": 30.0, "centred": False},
     "fraction_eps": 1.0e-3,
+    # dequantise the exact-zero slice/ring fractions in training (uniform over [0, eps), see
+    # ShapeCodec.dequantize_zeros) and decode fractions below eps as zero; use a small
+    # fraction_eps (1e-5) with it, the box decodes to at most eps
+    "fraction_dequantize": False,
     # inner edges (R_M) of rings about the axis whose energy fractions the flow samples and the
     # calibration matches (CaloClouds' per-layer calibration, extended to the radial direction);
     # None: no rings
@@ -121,7 +125,8 @@ class ShowerModel(nn.Module):
         cfg = self.config
         sl = cfg["slices"]
         edges = slice_edges(int(sl["num"]), float(sl["z_max_x0"]), bool(sl["centred"]))
-        self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"])
+        self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"],
+                                 dequantize_zeros=bool(cfg["fraction_dequantize"]))
         self.edm = EDM(**cfg["edm"])
         self.norm = Normalization(self.codec.num_features)
         fc = cfg["flow"]

@@ -176,6 +176,8 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     # shape features of every training shower, computed once (the flow sees large batches)
     shape = model.codec.measure_showers(train_set)
     shape_y = model.codec.encode(shape, torch.zeros(len(train_set))).to(device)
+    # exact-zero fractions, dequantised afresh at each step (fraction_dequantize)
+    zeros = model.codec.zero_fractions(shape).to(device) if model.codec.dequantize else None
     cond_all = model.condition(train_set.energy.to(device), train_set.theta.to(device),
                                train_set.phi.to(device))
     n_train = len(train_set)
@@ -217,6 +219,9 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         u = torch.rand(fidx.numel(), generator=gen)
         y = shape_y[fidx.to(device)].clone()
         y[:, 0] = (shape.num_points[fidx].float() + u).log().to(device)
+        if zeros is not None:
+            y = model.codec.dequantize_zeros(y, zeros[fidx.to(device)],
+                                             torch.rand(y.shape, generator=gen).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             zero = torch.zeros((), device=device)
             flow_loss = model.flow_loss(y, cond_all[fidx.to(device)]) if "flow" in parts else zero
@@ -260,7 +265,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
 
 
 #: Model config keys that define the flow's features: a flow trained on others is no start.
-_SHAPE_KEYS = ("slices", "rings", "fraction_eps")
+_SHAPE_KEYS = ("slices", "rings", "fraction_eps", "fraction_dequantize")
 
 
 def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
@@ -323,6 +328,9 @@ def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
     shape = model.codec.measure_showers(val)
     cond = model.condition(val.energy, val.theta, val.phi)
     y = model.codec.encode(shape).to(val.device)
+    if model.codec.dequantize:
+        y = model.codec.dequantize_zeros(y, model.codec.zero_fractions(shape).to(val.device),
+                                         torch.rand(y.shape, generator=g).to(val.device))
     flow = float(model.flow_loss(y, cond))
     losses = [float(model.point_loss(part, model.condition(part.energy, part.theta, part.phi),
                                      _device_gen(g, val.device)))
