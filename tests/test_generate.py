@@ -174,7 +174,8 @@ def test_the_default_recipe_describes_the_shipped_model():
     shipped = load_model(default_model_path()).config
     for name in ("default_flow.yaml", "default_points.yaml"):
         recipe = merge_config(DEFAULT_MODEL_CONFIG, load_config(root / name)["model"])
-        if name == "default_points.yaml":  # its flow section is unused: combine takes the flow run's
-            recipe["flow"] = shipped["flow"]
+        if name == "default_points.yaml":  # its flow settings are unused: combine takes the flow run's
+            for key in ("flow", "fraction_eps", "fraction_dequantize"):
+                recipe[key] = shipped[key]
         recipe["split"].update(factor=4, spread=True, snap_depth=True)
         assert recipe == shipped, name
