@@ -8,8 +8,8 @@ docs/models.md, "The shipped default model")::
     python benchmarks/default_model.py data flow/train_s1.parquet --n 15000 --seed 1 \\
         --grid 0.05,0.05,0.25 0.1,0.1,0.5
     python benchmarks/default_model.py data train_fine.parquet --n 15000 --seed 1 --grid 0.05,0.05,0.25
-    # more showers of another seed for the flow (its run used the first 15 000 of them)
-    python benchmarks/default_model.py data extra_s3.parquet --n 35000 --seed 3 \\
+    # 35 000 more showers of another seed: the flow trains on flow/ (50 000 showers)
+    python benchmarks/default_model.py data flow/extra_s3.parquet --n 35000 --seed 3 \\
         --grid 0.05,0.05,0.25 0.1,0.1,0.5
     # 10 000 held-out reference showers, fine grid only
     python benchmarks/default_model.py data reference.parquet --n 10000 --seed 2 --grid 0.05,0.05,0.25
