@@ -280,4 +280,3 @@ def test_dequantised_zero_fractions_decode_back_to_zero():
     assert bool((back.slice_points[shape.slice_points == 0] == 0).all())
     assert torch.allclose(back.slice_energy, shape.slice_energy, rtol=1e-4, atol=1e-6)
     assert torch.equal(back.slice_points, shape.slice_points)
-

@@ -160,9 +160,8 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
     The config is ``flow``'s; the two configs may differ only in the flow's own size
     (``flow``) and the encoding of its fractions (``fraction_eps``, ``fraction_dequantize``;
     not for a shape-conditioned point network) — the shape features (slices, rings), the
-    point network and every
-    generation-time setting must agree, else the flow would sample features the calibration
-    reads differently. Atomic write; the provenance names both files and their digests."""
+    point network and every generation-time setting must agree, else the flow would sample
+    features the calibration reads differently. Atomic write; the provenance names both files and their digests."""
     pb, fb = read_checkpoint(points), read_checkpoint(flow)
     from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, merge_config
 

@@ -20,7 +20,7 @@ standardised to unit variance, so the spline domain covers the data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import zuko
@@ -160,10 +160,9 @@ class ShapeCodec:
         parts = [self.measure(part.points, part.batch, len(part)) for part in showers.split(chunk)]
         if len(parts) == 1:
             return parts[0]
-        return ShowerShape(*(None if getattr(parts[0], f) is None
-                             else torch.cat([getattr(s, f) for s in parts])
-                             for f in ("num_points", "visible_energy", "cog", "slice_energy",
-                                       "slice_points", "ring_energy")))
+        return ShowerShape(*(None if getattr(parts[0], f.name) is None
+                             else torch.cat([getattr(s, f.name) for s in parts])
+                             for f in fields(ShowerShape)))
 
     def encode(self, shape: ShowerShape, u: torch.Tensor | None = None) -> torch.Tensor:
         """Feature vector; ``u [B]`` is the dequantisation noise (0.5 when None)."""
@@ -196,7 +195,8 @@ class ShapeCodec:
         ``u`` uniform in [0, 1) of ``y``'s shape. Many showers have no energy in their first or
         last slices; their zeros are a point mass at ln(eps) that a flow can only smear into its
         neighbours (measured on the session-8 default flow: 0.37-0.90 of the reference's mean
-        energy in slices 1-8 of 0.5 X0), while a box of width ln 2 is a density it can learn. Decoding maps the box back to zero."""
+        energy in slices 1-8 of 0.5 X0), while a box of width ln 2 is a density it can learn.
+        Decoding maps the box back to zero."""
         return torch.where(zero, math.log(self.eps) + torch.log1p(u), y)
 
     def decode(self, y: torch.Tensor, max_points: int | None = None) -> ShowerShape:
