@@ -70,9 +70,11 @@ def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) 
 
 def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
                transverse_mm=1000.0, cut_mm: float = 0.7, physics: str = "em",
-               progress: bool | object = False) -> EventRecord:
+               progress: bool | object = False, reference: bool = False) -> EventRecord:
     """Low-level: run Geant4 and return the raw :class:`EventRecord` (points, per-slab deposits,
-    leakage) — what the conservation tests and the engine comparison read."""
+    leakage) — what the conservation tests and the engine comparison read. ``reference=True``
+    also records the same events with the slow, independent stepping-action recorder
+    (``record.reference_points``), to validate the production recording."""
     energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
     engine = get_engine(cut_mm=cut_mm, physics=physics)
     if engine.cut_mm != float(cut_mm) or engine.physics != physics:
@@ -87,7 +89,7 @@ def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
         bar = progress
     try:
         return engine.run(energy_gev, theta, phi, particle_code(particle), stack, seed,
-                          transverse_mm=transverse_mm, progress=bar)
+                          transverse_mm=transverse_mm, progress=bar, reference=reference)
     finally:
         if progress is True and bar is not None:
             bar.close()

@@ -72,11 +72,25 @@ def shower_observables(points: np.ndarray, ptr: np.ndarray, energy_gev: np.ndarr
     uniq, inv = np.unique(key[ok], return_inverse=True)
     cell_e = np.bincount(inv, weights=e[ok])
     cell_shower = (uniq // (200_000 * 200_000)) // 64
-    hits = np.bincount(cell_shower[cell_e > CELL_THRESHOLD_MEV], minlength=n)
+    hit = cell_e > CELL_THRESHOLD_MEV
+    hits = np.bincount(cell_shower[hit], minlength=n)
+    # transverse width of the hit cells: energy-weighted RMS of the cell centres about the
+    # shower's energy-weighted centre, averaged over x and y
+    cx = ((uniq // 200_000) % 200_000 - 100_000 + 0.5) * CELL_MM
+    cy = (uniq % 200_000 - 100_000 + 0.5) * CELL_MM
+    cs, ce = cell_shower[hit], cell_e[hit]
+    esum = np.maximum(np.bincount(cs, weights=ce, minlength=n), 1e-30)
+    sigma = np.zeros(n)
+    for c in (cx[hit], cy[hit]):
+        mean = np.bincount(cs, weights=ce * c, minlength=n) / esum
+        sigma += np.bincount(cs, weights=ce * (c - mean[cs]) ** 2, minlength=n) / esum
+    mean_log10 = np.bincount(cs, weights=np.log10(ce), minlength=n) / np.maximum(hits, 1)
     e_mev = np.asarray(energy_gev, dtype=np.float64) * 1000.0
     w = layer_weights(stack)
     return {"long": long / e_mev[:, None], "radial": radial / e_mev[:, None], "evis": long.sum(1),
-            "ew": (long * w[None, :]).sum(1), "hits": hits, "points": counts, "energy_gev": np.asarray(energy_gev)}
+            "ew": (long * w[None, :]).sum(1), "hits": hits, "points": counts, "energy_gev": np.asarray(energy_gev),
+            "sigma_t_mm": np.sqrt(0.5 * sigma), "mean_log10_cell_mev": mean_log10,
+            "cell_mev": ce, "cell_shower": cs}
 
 
 def _summary(obs: dict) -> dict:

@@ -6,15 +6,28 @@ as boxes along +z, the front face at z = 0 and the impact point at the origin, s
 coordinates ARE the stack-local detector frame (mm). Physics: ``G4EmStandardPhysics_option1``
 (the EM list of ATLAS/CMS-style production) with the default 0.7 mm production cut.
 
-Recording, chosen to keep Python off the hot path:
+Recording, chosen to keep Python off the hot path while every deposit keeps its own position:
 
-- active slabs: a Python sensitive detector appends one point (mid-step position, deposit)
-  per energy-depositing step — Python runs only for steps in active material;
+- active slabs: a ``G4MultiFunctionalDetector`` with two Python primitive scorers behind C++
+  filters. Charged steps (``G4SDChargedFilter``) give one point at the mid-step position (their
+  deposit is continuous along the step); photon steps (``G4SDNeutralFilter``) give a point at the
+  post-step position, where the interaction happened, when they deposit anything (the local
+  deposits of below-cut Compton and photo-electrons: ``G4EmStandardPhysics_option1`` applies the
+  production cuts to photon secondaries). Python runs only for steps in active material;
 - passive slabs: a C++ ``G4MultiFunctionalDetector`` with a ``G4PSEnergyDeposit`` scorer keyed
   by copy number (= slab index) sums deposits with no Python call per step;
 - leakage: the world volume (outside the envelope) is sensitive; a track entering it is killed
   and its kinetic energy (plus 2 m_e c² for a positron, whose annihilation energy leaves with it)
   is counted as leakage. Energy conservation then reads Σ deposits + leakage = E_incident.
+- optionally (``reference=True`` in :meth:`Geant4Engine.run`), an independent, slow recorder: a
+  Python ``G4UserSteppingAction`` that sees every step of the event and keeps each one that
+  deposits energy in an active slab, with both its end points and the slab it started in. It
+  records the same events as the scorers, so the two recordings can be compared shower by
+  shower (tests, benchmarks).
+
+Charged steps longer than ``SEGMENT_MM`` are cut into equal pieces along the chord, one point
+each with an equal share of the deposit (a step's continuous loss is spread along it; 1% of the
+charged steps in silicon are longer than 2.8 mm, up to ~2 cm for electrons running along a slab).
 
 Each event is seeded from ``(seed, event index)`` through NumPy's ``SeedSequence``, so a shower
 does not depend on how a job is split into calls, and the same seed gives identical steps.
@@ -32,7 +45,8 @@ import numpy as np
 from pcshower.physics.stack import Stack
 from pcshower.simulate.geant4.datasets import ELECTRON_MASS_MEV, configure_geant4_data
 
-__all__ = ["Geant4Engine", "EventRecord", "get_engine", "PDG_TO_G4"]
+__all__ = ["Geant4Engine", "EventRecord", "get_engine", "PDG_TO_G4", "reference_points",
+           "split_along_chord"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,8 @@ PDG_TO_G4 = {22: "gamma", 11: "e-", -11: "e+", 211: "pi+", -211: "pi-", 13: "mu-
 HADRONS = {211, -211, 2212, 2112}
 #: Geant4's own default production cut (mm).
 DEFAULT_CUT_MM = 0.7
+#: Longest piece of a charged step recorded as one point (mm).
+SEGMENT_MM = 1.0
 
 _ENGINE: "Geant4Engine | None" = None
 
@@ -50,9 +66,15 @@ _ENGINE: "Geant4Engine | None" = None
 class EventRecord:
     """Raw result of a batch of events (numpy, detector frame, mm / MeV).
 
-    ``points`` [P, 4] (x, y, z, e) of active-slab deposits, ``ptr`` [B+1]; ``slab_edep_mev``
-    [B, S] energy deposited in every slab (active and passive); ``leakage_mev`` [B];
-    ``active_steps`` [B] number of recorded steps.
+    ``points`` [P, 4] (x, y, z, e) of active-slab deposits, ``ptr`` [B+1]; ``photon_step`` [P]
+    True for the deposits of photon steps (post-step position), False for charged steps
+    (mid-step); ``slab_edep_mev`` [B, S] energy deposited in every slab (active and passive);
+    ``leakage_mev`` [B]; ``active_steps`` [B] number of recorded steps. With the reference
+    recorder on, ``reference_steps`` [R, 9] / ``reference_ptr`` [B+1] hold its independent
+    recording of the same events (every depositing step in an active slab: pre-step x, y, z,
+    post-step x, y, z, deposit, slab index, 1 if charged; :func:`reference_points` turns it
+    into points),
+    else None.
     """
 
     points: np.ndarray
@@ -60,6 +82,9 @@ class EventRecord:
     slab_edep_mev: np.ndarray
     leakage_mev: np.ndarray
     active_steps: np.ndarray
+    photon_step: np.ndarray | None = None
+    reference_steps: np.ndarray | None = None
+    reference_ptr: np.ndarray | None = None
 
     @property
     def deposited_mev(self) -> np.ndarray:
@@ -70,6 +95,53 @@ class EventRecord:
     def active_mev(self) -> np.ndarray:
         return np.add.reduceat(self.points[:, 3], self.ptr[:-1]) * (np.diff(self.ptr) > 0) \
             if len(self.points) else np.zeros(len(self.ptr) - 1)
+
+
+def split_along_chord(a: np.ndarray, b: np.ndarray, edep: np.ndarray, max_mm: float) -> np.ndarray:
+    """[P', 4] points (x, y, z, e) of steps from ``a`` to ``b`` ([P, 3], mm) depositing ``edep``:
+    each step cut into ``ceil(|b - a| / max_mm)`` equal pieces, one point at the centre of each
+    with an equal share of the deposit (so a step shorter than ``max_mm`` is its mid-point)."""
+    length = np.linalg.norm(b - a, axis=1)
+    pieces = np.maximum(np.ceil(length / max_mm), 1).astype(np.int64)
+    step = np.repeat(np.arange(len(a)), pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    frac = (np.arange(len(step)) - first + 0.5) / pieces[step]
+    xyz = a[step] + frac[:, None] * (b - a)[step]
+    return np.c_[xyz, edep[step] / pieces[step]]
+
+
+def reference_points(record: "EventRecord", stack: Stack, max_mm: float = 0.1,
+                     position: str = "chord") -> tuple[np.ndarray, np.ndarray]:
+    """``(points [P, 4], ptr [B+1])`` of the reference recording in ``record``.
+
+    ``position="chord"``: a charged step's deposit is spread in pieces of at most ``max_mm``
+    along the straight line from its pre- to its post-step point (continuous loss), a photon
+    step's deposit sits at its post-step point (the interaction); ``position="post"``: every
+    deposit at its post-step point. In both, z is clamped into the slab the step started in (a
+    post-step point on the slab's back face belongs to that slab, not the next).
+    """
+    if record.reference_steps is None:
+        raise ValueError("this record has no reference recording: run with reference=True")
+    if position not in ("chord", "post"):
+        raise ValueError(f"position must be 'chord' or 'post', got {position!r}")
+    r = record.reference_steps
+    counts = np.diff(record.reference_ptr)
+    shower = np.repeat(np.arange(len(counts)), counts)
+    slab = r[:, 7].astype(np.int64)
+    a = r[:, :3].copy()
+    if position == "post" or max_mm <= 0:
+        a[:] = r[:, 3:6]
+    else:
+        a[r[:, 8] < 0.5] = r[r[:, 8] < 0.5, 3:6]  # photon steps: a point at the interaction
+    length = np.linalg.norm(r[:, 3:6] - a, axis=1)
+    pieces = np.maximum(np.ceil(length / max_mm), 1).astype(np.int64) if max_mm > 0 else \
+        np.ones(len(r), dtype=np.int64)
+    pts = split_along_chord(a, r[:, 3:6], r[:, 6], max_mm if max_mm > 0 else np.inf)
+    shower, slab = np.repeat(shower, pieces), np.repeat(slab, pieces)
+    edges = stack.z_edges_mm
+    pts[:, 2] = np.clip(pts[:, 2], edges[slab] + 1e-6, edges[slab + 1] - 1e-6)
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(shower, minlength=len(counts)))])
+    return pts, ptr.astype(np.int64)
 
 
 def _event_seeds(seed: int, n: int) -> np.ndarray:
@@ -105,6 +177,12 @@ class Geant4Engine:
         self.detector = self._Detector(self)
         self.run_manager.SetUserInitialization(self.detector)
         self.run_manager.SetUserInitialization(self._physics_list(physics))
+        # user actions may only be created once the physics list is set (a Geant4 rule)
+        self.reference_recorder = self._ReferenceRecorder()
+        # a plain C++ stepping action (no Python subclass, so no Python call per step) to
+        # put back when the reference recorder is switched off
+        self._no_stepping = g4.G4UserSteppingAction()
+        self._reference_on = False
         self.actions = self._Actions(self)
         self.run_manager.SetUserInitialization(self.actions)
         ui = g4.G4UImanager.GetUIpointer()
@@ -147,11 +225,11 @@ class Geant4Engine:
         g4 = self.g4
         engine = self
 
-        class ActiveScorer(g4.G4VPrimitiveScorer):
-            """Appends (x, y, z, e) of every depositing charged step in an active slab.
+        class ChargedScorer(g4.G4VPrimitiveScorer):
+            """Appends (pre x, y, z, post x, y, z, e) of every depositing charged step.
 
             A primitive scorer rather than a sensitive detector because scorers take a C++
-            filter: Python then runs for charged steps only (~10% of the steps in silicon).
+            filter: Python runs for charged steps only (~10% of the steps in silicon).
             """
 
             def __init__(self, name):
@@ -164,8 +242,52 @@ class Geant4Engine:
                     return False
                 a = step.GetPreStepPoint().GetPosition()
                 b = step.GetPostStepPoint().GetPosition()
-                self.buf.append((0.5 * (a.x + b.x), 0.5 * (a.y + b.y), 0.5 * (a.z + b.z), edep))
+                self.buf.append((a.x, a.y, a.z, b.x, b.y, b.z, edep))
                 return True
+
+        class PhotonScorer(g4.G4VPrimitiveScorer):
+            """Appends (x, y, z, e) of every depositing photon step, at its post-step point.
+
+            The deposit of a photon step is local to the interaction that ends it (a Compton or
+            photo-electron below the production cut), so the post-step point is its position.
+            ~90% of the steps in silicon are photon steps and ~1% of those deposit.
+            """
+
+            def __init__(self, name):
+                super().__init__(name, 0)
+                self.buf = []
+
+            def ProcessHits(self, step, history):
+                edep = step.GetTotalEnergyDeposit()
+                if edep <= 0.0:
+                    return False
+                b = step.GetPostStepPoint().GetPosition()
+                self.buf.append((b.x, b.y, b.z, edep))
+                return True
+
+        class ReferenceRecorder(g4.G4UserSteppingAction):
+            """Independent recording: every step with a deposit whose pre-step volume is an
+            active slab, as (pre-step x, y, z, post-step x, y, z, deposit, slab index, charged);
+            see
+            :func:`reference_points` for the points made of it. Slow: Python runs for every
+            step of the event."""
+
+            def __init__(self):
+                super().__init__()
+                self.active_names = set()
+                self.buf = []
+
+            def UserSteppingAction(self, step):
+                edep = step.GetTotalEnergyDeposit()
+                if edep <= 0.0:
+                    return
+                volume = step.GetPreStepPoint().GetTouchable().GetVolume()
+                if volume.GetLogicalVolume().GetName() in self.active_names:
+                    a = step.GetPreStepPoint().GetPosition()
+                    b = step.GetPostStepPoint().GetPosition()
+                    charged = step.GetTrack().GetDefinition().GetPDGCharge() != 0.0
+                    self.buf.append((a.x, a.y, a.z, b.x, b.y, b.z, edep, volume.GetCopyNo(),
+                                     float(charged)))
 
         class LeakageSD(g4.G4VSensitiveDetector):
             """Counts and kills every track that leaves the envelope into the world."""
@@ -240,8 +362,10 @@ class Geant4Engine:
                 self.SetUserAction(self.gun)
                 self.SetUserAction(self.event_action)
 
-        self._ActiveScorer, self._LeakageSD, self._Detector, self._Actions = ActiveScorer, LeakageSD, Detector, Actions
-        self.active_sd = None
+        self._ChargedScorer, self._PhotonScorer = ChargedScorer, PhotonScorer
+        self._LeakageSD, self._Detector, self._Actions = LeakageSD, Detector, Actions
+        self._ReferenceRecorder = ReferenceRecorder
+        self.charged_scorer = self.photon_scorer = None
         self.leak_sd = None
         self.passive_mfd = None
 
@@ -291,17 +415,16 @@ class Geant4Engine:
         sdm = g4.G4SDManager.GetSDMpointer()
         v = self._geometry_version
         keep = []
-        # active slabs: Python only for charged steps (~10% of the steps in Si, ~94% of its
-        # energy); photon steps (local deposits of below-cut electrons) are summed in C++
+        # active slabs: one Python scorer per kind of step, each behind a C++ filter
         active = g4.G4MultiFunctionalDetector(f"pcsActive{v}")
-        self.active_sd = self._ActiveScorer("points")
+        self.charged_scorer = self._ChargedScorer("charged")
         charged = g4.G4SDChargedFilter(f"pcsCharged{v}")
-        self.active_sd.SetFilter(charged)
-        neutral_scorer = g4.G4PSEnergyDeposit("neutral", 0)
+        self.charged_scorer.SetFilter(charged)
+        self.photon_scorer = self._PhotonScorer("photon")
         neutral = g4.G4SDNeutralFilter(f"pcsNeutral{v}")
-        neutral_scorer.SetFilter(neutral)
-        active.RegisterPrimitive(self.active_sd)
-        active.RegisterPrimitive(neutral_scorer)
+        self.photon_scorer.SetFilter(neutral)
+        active.RegisterPrimitive(self.charged_scorer)
+        active.RegisterPrimitive(self.photon_scorer)
         sdm.AddNewDetector(active)
         # passive slabs: C++ only
         self.passive_mfd = g4.G4MultiFunctionalDetector(f"pcsPassive{v}")
@@ -316,8 +439,8 @@ class Geant4Engine:
             lv.SetSensitiveDetector(self.passive_mfd)
         self.world_lv.SetSensitiveDetector(self.leak_sd)
         self.passive_hc_id = sdm.GetCollectionID(f"pcsPassive{v}/edep") if self.passive_lvs else -1
-        self.neutral_hc_id = sdm.GetCollectionID(f"pcsActive{v}/neutral") if self.active_lvs else -1
-        keep += [self.active_sd, charged, neutral_scorer, neutral, active,
+        self.reference_recorder.active_names = {lv.GetName() for lv in self.active_lvs}
+        keep += [self.charged_scorer, charged, self.photon_scorer, neutral, active,
                  self.passive_mfd, scorer, self.leak_sd]
         self._keep.append(keep)
 
@@ -345,46 +468,48 @@ class Geant4Engine:
 
     # ------------------------------------------------------------------ per-event bookkeeping
     def _begin_event(self):
-        self.active_sd.buf = []
+        self.charged_scorer.buf = []
+        self.photon_scorer.buf = []
+        self.reference_recorder.buf = []
         self.leak_sd.leak = 0.0
 
     def _end_event(self, event):
-        pts = np.asarray(self.active_sd.buf, dtype=np.float64).reshape(-1, 4)
+        charged = np.asarray(self.charged_scorer.buf, dtype=np.float64).reshape(-1, 7)
+        charged = split_along_chord(charged[:, :3], charged[:, 3:6], charged[:, 6], SEGMENT_MM)
+        photon = np.asarray(self.photon_scorer.buf, dtype=np.float64).reshape(-1, 4)
+        pts = np.concatenate([np.c_[charged, np.zeros(len(charged))], np.c_[photon, np.ones(len(photon))]])
         n_slabs = len(self.stack.slabs)
         passive = np.zeros(n_slabs)
-        neutral = np.zeros(n_slabs)
         hce = event.GetHCofThisEvent()
-        for hc_id, target in ((self.passive_hc_id, passive), (self.neutral_hc_id, neutral)):
-            if hc_id >= 0:
-                for copy_no, value in hce.GetHC(hc_id):
-                    target[copy_no] += value
-        charged = np.zeros(n_slabs)
+        if self.passive_hc_id >= 0:
+            for copy_no, value in hce.GetHC(self.passive_hc_id):
+                passive[copy_no] += value
+        active = np.zeros(n_slabs)
         if len(pts):
             # every active point lies inside exactly one slab: find it by depth
             slab = np.searchsorted(self.stack.z_edges_mm, pts[:, 2], side="right") - 1
-            slab = np.clip(slab, 0, n_slabs - 1)
-            charged = np.bincount(slab, weights=pts[:, 3], minlength=n_slabs)
-            # photon-step deposits go to the charged points of their slab, in proportion
-            scale = np.divide(charged + neutral, charged, out=np.ones(n_slabs), where=charged > 0)
-            pts[:, 3] *= scale[slab]
-        orphan = (neutral > 0) & (charged <= 0)
-        if orphan.any():  # a slab with photon deposits only: one point on the axis, mid-slab
-            edges = self.stack.z_edges_mm
-            z = 0.5 * (edges[:-1] + edges[1:])[orphan]
-            d = self._direction
-            extra = np.stack([z * d[0] / d[2], z * d[1] / d[2], z, neutral[orphan]], axis=1)
-            pts = np.concatenate([pts, extra])
-            pts = pts[np.argsort(pts[:, 2], kind="stable")] if len(pts) else pts
+            active = np.bincount(np.clip(slab, 0, n_slabs - 1), weights=pts[:, 3], minlength=n_slabs)
         self._out_points.append(pts)
-        self._out_edep.append(passive + charged + neutral)
+        self._out_edep.append(passive + active)
         self._out_leak.append(self.leak_sd.leak)
+        if self._reference_on:
+            self._out_reference.append(np.asarray(self.reference_recorder.buf,
+                                                  dtype=np.float64).reshape(-1, 9))
+
+    def _set_reference(self, on: bool) -> None:
+        """Install or remove the stepping-action recorder (sequential run manager: between runs)."""
+        if on != self._reference_on:
+            self.run_manager.SetUserAction(self.reference_recorder if on else self._no_stepping)
+            self._reference_on = on
 
     # ------------------------------------------------------------------ running
     def run(self, energy_gev, theta, phi, particle: int, stack: Stack, seed: int, *,
-            transverse_mm=1000.0, progress=None) -> EventRecord:
+            transverse_mm=1000.0, progress=None, reference: bool = False) -> EventRecord:
         """Simulate one shower per entry of ``energy_gev``/``theta``/``phi`` (radians).
 
         ``progress``: an object with ``update(n)`` (a tqdm bar) advanced every 10 events.
+        ``reference``: also record the events with the independent stepping-action recorder
+        (about twice the CPU time; for validation).
         """
         g4 = self.g4
         energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
@@ -407,7 +532,8 @@ class Geant4Engine:
         if n == 0:
             return EventRecord(points=np.zeros((0, 4)), ptr=np.zeros(1, dtype=np.int64),
                                slab_edep_mev=np.zeros((0, n_slabs)), leakage_mev=np.zeros(0),
-                               active_steps=np.zeros(0, dtype=np.int64))
+                               active_steps=np.zeros(0, dtype=np.int64),
+                               photon_step=np.zeros(0, dtype=bool))
         # one geometry per call: centred on the mean axis (slabs are wide enough for the spread)
         self.set_geometry(stack, transverse_mm, float(np.mean(theta)), float(np.mean(phi)))
         direction = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
@@ -417,7 +543,8 @@ class Geant4Engine:
         pdef = g4.G4ParticleTable.GetParticleTable().FindParticle(PDG_TO_G4[particle])
         self.actions.gun.jobs = {"seeds": _event_seeds(seed, n), "dir": direction, "pos": pos,
                                  "energy_mev": energy_gev * 1000.0, "particle_def": pdef}
-        self._out_points, self._out_edep, self._out_leak = [], [], []
+        self._out_points, self._out_edep, self._out_leak, self._out_reference = [], [], [], []
+        self._set_reference(bool(reference))
         # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
         chunk = n if progress is None else max(1, min(n, 10))
         for start in range(0, n, chunk):
@@ -426,8 +553,16 @@ class Geant4Engine:
             self.run_manager.BeamOn(stop - start)
             if progress is not None:
                 progress.update(stop - start)
+        self._set_reference(False)
         counts = np.array([len(p) for p in self._out_points], dtype=np.int64)
         ptr = np.concatenate([[0], np.cumsum(counts)])
-        points = np.concatenate(self._out_points) if n else np.zeros((0, 4))
-        return EventRecord(points=points, ptr=ptr, slab_edep_mev=np.stack(self._out_edep),
-                           leakage_mev=np.asarray(self._out_leak), active_steps=counts)
+        points = np.concatenate(self._out_points)
+        record = EventRecord(points=np.ascontiguousarray(points[:, :4]), ptr=ptr,
+                             slab_edep_mev=np.stack(self._out_edep),
+                             leakage_mev=np.asarray(self._out_leak), active_steps=counts,
+                             photon_step=points[:, 4] > 0.5)
+        if reference:
+            ref_counts = [len(p) for p in self._out_reference]
+            record.reference_steps = np.concatenate(self._out_reference)
+            record.reference_ptr = np.concatenate([[0], np.cumsum(ref_counts)]).astype(np.int64)
+        return record
