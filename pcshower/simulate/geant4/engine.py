@@ -245,17 +245,13 @@ class Geant4Engine:
                 self.buf.append((a.x, a.y, a.z, b.x, b.y, b.z, edep))
                 return True
 
-        class PhotonScorer(g4.G4VPrimitiveScorer):
+        class PhotonScorer(ChargedScorer):
             """Appends (x, y, z, e) of every depositing photon step, at its post-step point.
 
             The deposit of a photon step is local to the interaction that ends it (a Compton or
             photo-electron below the production cut), so the post-step point is its position.
             ~90% of the steps in silicon are photon steps and ~1% of those deposit.
             """
-
-            def __init__(self, name):
-                super().__init__(name, 0)
-                self.buf = []
 
             def ProcessHits(self, step, history):
                 edep = step.GetTotalEnergyDeposit()
@@ -545,15 +541,17 @@ class Geant4Engine:
                                  "energy_mev": energy_gev * 1000.0, "particle_def": pdef}
         self._out_points, self._out_edep, self._out_leak, self._out_reference = [], [], [], []
         self._set_reference(bool(reference))
-        # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
-        chunk = n if progress is None else max(1, min(n, 10))
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            self.actions.gun.offset = start
-            self.run_manager.BeamOn(stop - start)
-            if progress is not None:
-                progress.update(stop - start)
-        self._set_reference(False)
+        try:
+            # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
+            chunk = n if progress is None else max(1, min(n, 10))
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                self.actions.gun.offset = start
+                self.run_manager.BeamOn(stop - start)
+                if progress is not None:
+                    progress.update(stop - start)
+        finally:
+            self._set_reference(False)
         counts = np.array([len(p) for p in self._out_points], dtype=np.int64)
         ptr = np.concatenate([[0], np.cumsum(counts)])
         points = np.concatenate(self._out_points)
