@@ -132,6 +132,15 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     return showers
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int if it is a whole number >= 1 (2.0 passes, 2.5, 0, True do not)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and math.isfinite(value) and value == int(value) and value >= 1
+    if not ok:
+        raise ValueError(f"{name} must be >= 1 and a whole number, got {value!r}")
+    return int(value)
+
+
 def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0,
                      position=None, particle="photon", steps: int | None = None,
                      seed: int | None = None, device=None, model=None,
@@ -144,9 +153,12 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     function is not itself a generator: it returns one)."""
     from tqdm.auto import tqdm
 
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n = _positive_int("n", n)
+    steps = None if steps is None else _positive_int("steps", steps)
+    batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+                                 and 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = resolve_model(model, device)
     e_arr = np.atleast_1d(np.asarray(energy, dtype=np.float64))
@@ -159,8 +171,10 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
                          f"values cannot be broadcast to one length") from None
     if not np.all(np.isfinite(e_arr)) or np.any(e_arr <= 0):
         raise ValueError("energy must be finite and > 0 GeV")
-    if np.any(theta_arr < 0) or np.any(theta_arr > math.pi):
-        raise ValueError("angle (theta) must lie in [0, 180] degrees")
+    if not np.all(np.isfinite(theta_arr)) or np.any(theta_arr < 0) or np.any(theta_arr > math.pi):
+        raise ValueError("angle (theta) must be a finite number in [0, 180] degrees")
+    if not np.all(np.isfinite(phi_arr)):
+        raise ValueError("phi must be a finite number of degrees")
     code = particle_code(particle)
     trained = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("particles")
     if trained and code not in trained:
@@ -184,9 +198,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    size = int(batch_size or DEFAULT_BATCH_SIZE)
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = batch_size or DEFAULT_BATCH_SIZE
     phi_range = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("phi_range_rad")
     # a model that only saw one azimuth (phi-symmetric physics-frame showers) is conditioned on
     # that azimuth; the showers keep the requested phi for their placement

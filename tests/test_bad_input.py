@@ -1,0 +1,50 @@
+"""Bad input to generation gets a clear error before any work, never silently wrong output."""
+
+import math
+
+import pytest
+
+from pcshower.cli import main
+from pcshower.models.generate import generate
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n": 2.5}, "n must be >= 1 and a whole number, got 2.5"),
+    ({"n": 0}, "n must be >= 1 and a whole number"),
+    ({"n": True}, "n must be >= 1 and a whole number"),
+    ({"steps": 0}, "steps must be >= 1 and a whole number, got 0"),
+    ({"steps": 1.5}, "steps must be >= 1 and a whole number"),
+    ({"batch_size": 0}, "batch_size must be >= 1 and a whole number, got 0"),
+    ({"seed": 2 ** 64}, "seed must be an integer in [0, 2**64)"),
+    ({"seed": -1}, "seed must be an integer in [0, 2**64)"),
+])
+def test_generate_rejects_non_positive_or_fractional_counts(kwargs, words):
+    args = {"n": 1, **kwargs}
+    with pytest.raises(ValueError) as err:
+        generate(50.0, 90.0, "ild", **args)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("angle, phi, words", [
+    (math.nan, 0.0, "angle (theta) must be a finite number"),
+    (90.0, math.nan, "phi must be a finite number"),
+    (math.inf, 0.0, "angle (theta) must be a finite number"),
+])
+def test_generate_rejects_nan_angles(angle, phi, words):
+    with pytest.raises(ValueError) as err:
+        generate(50.0, angle, "ild", n=1, phi=phi)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--steps", "0", "steps must be >= 1 and a whole number, got 0"),
+    ("--batch-size", "0", "batch_size must be >= 1 and a whole number, got 0"),
+    ("--seed", str(2 ** 64), "seed must be an integer in [0, 2**64)"),
+])
+def test_cli_generate_refuses_zero_steps_and_batches(tmp_path, capsys, flag, value, words):
+    out = tmp_path / "s.parquet"
+    rc = main(["generate", "--geometry", "ild", "--energy", "50", "--theta", "90", "--n", "2",
+               "--out", str(out), "--no-progress", flag, value])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no output file, no temporary left
