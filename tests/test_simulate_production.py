@@ -75,13 +75,34 @@ def test_production_writes_shards_with_provenance_and_resumes_exactly(tmp_path):
     meta = read_metadata(full / "shard-00001.parquet")["provenance"]
     assert meta["generator"] == "pcshower-parametrised-gflash" and meta["shard"] == 1
     assert meta["seed"] == 3 and meta["run"]["n"] == 25 and meta["first_shower"] == 10
-    assert json.loads((full / "run.json").read_text())["pcshower_run"]["stack"] == SPEC
+    assert json.loads((full / "_run.json").read_text())["pcshower_run"]["stack"] == SPEC
     # an interrupted run: one shard missing, plus a temporary left by a killed writer
     (full / "shard-00001.parquet").unlink()
     (full / ".shard-00001.parquet.tmp-123-abcdef12").write_bytes(b"partial")
     again = _produce(full)
     assert again["written"] == 1 and again["already_done"] == 2
     _same(read_parquet(full), ref)
+
+
+def test_damaged_shards_are_made_again_and_the_directory_is_a_parquet_dataset(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    full = tmp_path / "full"
+    _produce(full)
+    ref = read_parquet(full)
+    # plain readers open the directory: the run record is skipped by its name
+    assert pq.read_table(full).num_rows == 25
+    shard = full / "shard-00001.parquet"
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])  # truncated after the fact
+    again = _produce(full)
+    assert again["written"] == 1 and again["already_done"] == 2
+    assert "shard-00001.parquet is damaged" in capsys.readouterr().err
+    _same(read_parquet(full), ref)
+    # a run recorded under the former name resumes, and the record gets the new name
+    (full / "_run.json").rename(full / "run.json")
+    assert _produce(full)["already_done"] == 3
+    assert (full / "_run.json").is_file() and not (full / "run.json").exists()
 
 
 def test_different_run_into_same_directory_is_refused(tmp_path):

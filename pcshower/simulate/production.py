@@ -5,7 +5,8 @@ A run of ``n`` showers is cut into shards of ``shard_size``; shard ``i`` draws i
 is the same whichever worker makes it, whenever, and whether the run was interrupted. Shards are
 written atomically (:func:`pcshower.io.write_parquet`); a shard file that exists is done, so
 running the same command again finishes an interrupted run without duplicating or losing showers.
-``run.json`` in the output directory records the run; a different run into the same directory is
+``_run.json`` in the output directory records the run (a name that pyarrow, pandas, polars and
+DuckDB skip, so the directory reads as one Parquet data set); a different run into the same directory is
 refused. Every condition is drawn and checked before the first file is written.
 """
 
@@ -16,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,10 @@ from pcshower.units import FRAMES, deg_to_rad, parse_range, particle_code
 
 __all__ = ["produce", "RunConfig", "parse_range", "parse_stack_spec", "shard_conditions"]
 
-MANIFEST = "run.json"
+MANIFEST = "_run.json"
+#: The run record's name before 0.1.x of 2026-12 (a name Parquet readers did not skip); a
+#: directory that still has it is resumed and the record renamed.
+OLD_MANIFEST = "run.json"
 
 
 _SLAB = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*:\s*([0-9.eE+\-]+)\s*(?::\s*(active|a|passive|p))?\s*$")
@@ -197,7 +202,8 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         manifest["geometry"] = name
     _check_or_write_manifest(out, manifest)
     from pcshower.io import shard_name
-    pending = [t for t in tasks if not (out / shard_name(t[0])).exists()]
+    pending = [t for t in tasks if not _shard_complete(out / shard_name(t[0]),
+                                                       np.diff(cfg.shard_bounds(t[0]))[0])]
     done_before = len(tasks) - len(pending)
     jobs = [(cfg, layered, name if geometry is not None else None, geometry is None
              or not hasattr(geometry, "local_direction"), str(out), *t) for t in pending]
@@ -234,8 +240,31 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
     return summary
 
 
+def _shard_complete(path: Path, rows: int) -> bool:
+    """True if ``path`` is a readable Parquet shard of ``rows`` showers. A shard damaged after
+    it was written (truncated, overwritten, wrong row count) is reported and made again."""
+    if not path.exists():
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        found = pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:  # noqa: BLE001  (any unreadable footer means: not done)
+        reason = f"unreadable ({type(err).__name__}: {err})"
+    else:
+        if found == rows:
+            return True
+        reason = f"{found} showers where the run has {rows}"
+    print(f"pcshower: warning: {path} is damaged ({reason}): simulating it again",
+          file=sys.stderr)
+    return False
+
+
 def _check_or_write_manifest(out: Path, manifest: dict):
     path = out / MANIFEST
+    old_path = out / OLD_MANIFEST
+    if not path.exists() and old_path.is_file():
+        os.replace(old_path, path)  # a run started before the record was renamed
     if path.exists():
         try:
             old = json.loads(path.read_text())
