@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcshower.units import resolve_device
+
 __all__ = ["register", "run_benchmark", "time_call", "markdown_table", "plot_scaling"]
 
 DEFAULT_STEPS = (1, 2, 8, 25)
@@ -150,7 +152,7 @@ def run_benchmark(*, model=None, geometry: str | None = "ild", device=None,
     from pcshower.geometry import load_geometry
     from pcshower.models.generate import resolve_model
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     net = resolve_model(model, device).eval()
     geom = load_geometry(geometry) if isinstance(geometry, str) else geometry
     theta = math.radians(theta_deg)

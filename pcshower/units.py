@@ -28,6 +28,7 @@ __all__ = [
     "rad_to_deg",
     "GEV_TO_MEV",
     "parse_range",
+    "resolve_device",
 ]
 
 LENGTH_UNIT = "mm"
@@ -116,3 +117,29 @@ def parse_range(text, name: str) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"{name} range {lo:g}:{hi:g} is empty: LOW must not exceed HIGH")
     return lo, hi
+
+
+def resolve_device(device=None):
+    """The ``torch.device`` to run on: ``device`` if this PyTorch can use it, else a clear error.
+
+    ``None`` means CUDA when available, else the CPU. A CUDA device asked for on a PyTorch
+    without CUDA (or past the last GPU) raises ``ValueError`` naming what is available, instead of
+    PyTorch's assertion deep inside the first tensor operation.
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this PyTorch ({torch.__version__}) cannot use CUDA "
+                             "(a CPU build, or no GPU visible); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev

@@ -48,3 +48,26 @@ def test_cli_generate_refuses_zero_steps_and_batches(tmp_path, capsys, flag, val
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no output file, no temporary left
+
+
+no_cuda = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+
+
+@no_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cli_generate_on_cuda_without_cuda_says_so(tmp_path, capsys, device):
+    out = tmp_path / "s.parquet"
+    rc = main(["generate", "--geometry", "ild", "--energy", "50", "--theta", "90", "--n", "1",
+               "--out", str(out), "--no-progress", "--device", device])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot use CUDA" in err and "--device cpu" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_device_name():
+    from pcshower.units import resolve_device
+
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    assert resolve_device("cpu").type == "cpu"

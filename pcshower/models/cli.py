@@ -92,14 +92,22 @@ def register(subparsers) -> None:
     g.add_argument("--theta", default="90", help="polar angle in degrees, or LOW:HIGH (default 90)")
     g.add_argument("--phi", default="0", help="azimuth in degrees, or LOW:HIGH (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of showers")
-    g.add_argument("--particle", default="photon")
+    g.add_argument("--particle", default="photon",
+                   help="particle name or PDG code; must be one the model was trained on "
+                        "(default: photon; the shipped model knows photons only)")
     g.add_argument("--out", required=True, help="output .parquet or .h5 file")
     g.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
-    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    g.add_argument("--sampler", choices=["heun", "euler"], default=None)
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's). Time grows with the network calls "
+                        "(Heun: 2 x steps - 1); fewer steps than the model was tuned for cost "
+                        "fidelity (docs/models.md measures the shipped model at 8 and 16)")
+    g.add_argument("--sampler", choices=["heun", "euler"], default=None,
+                   help="ODE sampler: heun (2nd order, 2 calls a step) or euler (1 call a step); "
+                        "default: the model's")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=None, help="showers per pass (memory bound)")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--allow-extrapolation", action="store_true",
                    help="warn instead of failing outside the model's training range")
     g.add_argument("--no-progress", action="store_true")

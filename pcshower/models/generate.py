@@ -17,7 +17,7 @@ import torch
 
 from pcshower.data.hits import CellHits
 from pcshower.data.showers import Showers
-from pcshower.units import deg_to_rad, particle_code, particle_name
+from pcshower.units import deg_to_rad, particle_code, particle_name, resolve_device
 
 __all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
 
@@ -52,7 +52,7 @@ def load_default_model(device=None):
     if not path.is_file():
         raise FileNotFoundError(f"the default model {path} is missing from this installation; "
                                 f"reinstall pcshower or pass model=PATH to a checkpoint")
-    return _cached_model(str(path), str(torch.device(device or "cpu")))
+    return _cached_model(str(path), str(resolve_device(device or "cpu")))
 
 
 def resolve_model(model=None, device=None):
@@ -64,7 +64,7 @@ def resolve_model(model=None, device=None):
     if isinstance(model, ShowerModel):
         return model.to(device) if device is not None else model
     if isinstance(model, (str, os.PathLike)):
-        return _cached_model(str(Path(model).resolve()), str(torch.device(device or "cpu")))
+        return _cached_model(str(Path(model).resolve()), str(resolve_device(device or "cpu")))
     raise TypeError(f"model must be None, a checkpoint path or a ShowerModel, got {type(model).__name__}")
 
 
@@ -159,7 +159,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
                                  and 0 <= seed < 2 ** 64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     net = resolve_model(model, device)
     e_arr = np.atleast_1d(np.asarray(energy, dtype=np.float64))
     theta_arr = np.atleast_1d(deg_to_rad(angle))

@@ -27,6 +27,7 @@ from pcshower.models.checkpoint import (FLOW_NORM_KEYS, CheckpointError, checkpo
                                         is_flow_state, model_payload, read_checkpoint,
                                         save_checkpoint)
 from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, _check_physics, merge_config
+from pcshower.units import resolve_device
 
 __all__ = ["train", "load_config", "DEFAULT_TRAIN_CONFIG"]
 
@@ -119,7 +120,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         tc["init_from"] = str(init_from)
     if tc["threads"]:
         torch.set_num_threads(int(tc["threads"]))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     out = Path(out)
     provenance = {}
     if not isinstance(data, Showers):
