@@ -263,3 +263,28 @@ def test_batch_writer_appends_atomically_and_cleans_up(tmp_path):
     back, cond = io.read_hits_parquet(tmp_path / "h.parquet")
     assert back.cell_id.tolist() == [1, 5, 2, 9] and back.ptr.tolist() == [0, 2, 3, 3, 4]
     assert torch.allclose(cond["energy"], torch.cat([c.energy for c in conds]).to(cond["energy"].dtype))
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pcshower.io._atomic import _HOST, atomic_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)  # that process has exited
+    target = tmp_path / "a.parquet"
+    stale_old = tmp_path / f".a.parquet.tmp-{pid}-0123abcd"            # former name, no host
+    stale = tmp_path / f".a.parquet.tmp-{_HOST}.{pid}-0123abce"
+    live = tmp_path / f".a.parquet.tmp-{_HOST}.{os.getpid()}-0123abcf"  # a live writer's
+    other_host = tmp_path / f".a.parquet.tmp-otherhost.{pid}-0123abc0"  # maybe live elsewhere
+    other_file = tmp_path / f".b.parquet.tmp-{pid}-0123abc1"
+    for f in (stale_old, stale, live, other_host, other_file):
+        f.write_bytes(b"partial")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"done")
+    assert target.read_bytes() == b"done"
+    assert not stale_old.exists() and not stale.exists()
+    assert live.exists() and other_host.exists() and other_file.exists()
