@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"pcshower {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # I/O: read-only folders, full disks
+        print(f"pcshower {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pcshower {args.command}: interrupted", file=sys.stderr)
         return 130

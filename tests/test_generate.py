@@ -148,6 +148,46 @@ def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
     assert main(["generate", "--energy", "5:1", "--out", str(tmp_path / "y.parquet")]) == 2
 
 
+def test_cli_generate_keeps_existing_files_unless_overwrite(tiny_model, tmp_path, capsys):
+    out = tmp_path / "gen.parquet"
+    args = ["generate", "--geometry", "ild", "--energy", "50", "--theta", "60", "--n", "2",
+            "--out", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert main(args) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--seed", "3"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    # the hits file alone is protected too
+    out.unlink()
+    assert main(args) == 2 and not out.exists()
+    assert main(args + ["--seed", "3", "--overwrite"]) == 0 and out.read_bytes() != before
+
+
+def test_cli_generate_into_a_read_only_folder_fails_before_work(tiny_model, tmp_path, capsys,
+                                                                monkeypatch):
+    import os
+
+    from pcshower.io import _atomic
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anywhere: let the check see the folder's mode
+        real = os.access
+        monkeypatch.setattr(_atomic.os, "access",
+                            lambda p, mode: False if Path(p) == ro else real(p, mode))
+    try:
+        rc = main(["generate", "--energy", "50", "--theta", "60", "--n", "1", "--out",
+                   str(ro / "sub" / "gen.parquet"), "--model", str(tiny_model), "--no-progress"])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert "cannot write in" in err and "Traceback" not in err
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
 def test_shipped_default_model_generates():
     path = default_model_path()
     assert path.is_file(), f"the default model {path} is not shipped"

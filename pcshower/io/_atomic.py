@@ -9,7 +9,7 @@ import socket
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_path", "remove_stale_temporaries", "TMP_MARKER"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "check_output", "TMP_MARKER"]
 
 #: Temporary files carry this in their name; shard listings skip them.
 TMP_MARKER = ".tmp-"
@@ -73,3 +73,21 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check before any work that ``path`` can be written: not a directory, not an existing file
+    unless ``overwrite``, and a writable folder to put it in (the nearest existing one, since
+    missing folders are made). Raises ``ValueError`` (usage) or ``PermissionError`` (I/O)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: cannot write in {folder} (permission denied or "
+                              "read-only); choose another folder")
+    return path

@@ -110,6 +110,8 @@ def register(subparsers) -> None:
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--allow-extrapolation", action="store_true",
                    help="warn instead of failing outside the model's training range")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and its _hits file); without it they are kept")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_generate)
 
@@ -215,6 +217,11 @@ def _generate(args) -> int:
     geometry = None if args.geometry.lower() == "none" else args.geometry
     if geometry is None and suffix != ".parquet":
         raise ValueError("--geometry none writes physics-frame points: use a .parquet --out")
+    from pcshower.io._atomic import check_output
+
+    check_output(out, overwrite=args.overwrite)
+    if suffix == ".parquet" and geometry is not None:
+        check_output(out.with_name(out.stem + "_hits.parquet"), overwrite=args.overwrite)
     rng = np.random.default_rng(args.seed)
     conds = {}
     for name in ("energy", "theta", "phi"):
