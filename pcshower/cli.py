@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as err:
+    except (UserError, ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"pcshower {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -71,3 +71,38 @@ def test_unknown_device_name():
     with pytest.raises(ValueError, match="not a device name"):
         resolve_device("gpu0")
     assert resolve_device("cpu").type == "cpu"
+
+
+# ---------------------------------------------------------------- training configs
+@pytest.mark.parametrize("text, words", [
+    ("", "is empty; it needs at least a 'train:' section"),
+    ("model: {}\n", "has no 'train:' section"),
+    ("train:\n\tsteps: 3\n", "not valid YAML at line 2"),
+    ("train: {batch_showers: 0}\n", "train.batch_showers must be a whole number >= 1, got 0"),
+    ("train: {steps: fifty}\n", "train.steps must be a whole number >= 1, got 'fifty'"),
+    ("train: {lr: .nan}\n", "train.lr must be a number in (0, inf]"),
+    ("train: {parts: [flow, pointz]}\n", "train.parts must be a non-empty list"),
+    ("train: {}\nmodel: {epic: {hidden: -32}}\n", "epic.hidden must be a whole number >= 1, got -32"),
+    ("train: {}\nmodel: {epic: {layers: 0}}\n", "epic.layers must be a whole number >= 1, got 0"),
+])
+def test_cli_train_refuses_bad_configs_before_work(tmp_path, capsys, text, words):
+    from pcshower.models.train import load_config
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_config(cfg)
+    assert words in str(err.value) and str(cfg) in str(err.value)
+    rc = main(["train", "--config", str(cfg), "--data", str(tmp_path / "nothing.parquet"),
+               "--out", str(tmp_path / "run")])
+    assert rc == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_binary_config_names_the_file(tmp_path):
+    from pcshower.models.train import load_config
+
+    cfg = tmp_path / "bin.yaml"
+    cfg.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="bin.yaml is not a text"):
+        load_config(cfg)

@@ -315,3 +315,14 @@ def test_combine_takes_each_part_from_its_run(tmp_path):
     combine_checkpoints(tmp_path / "p" / "model.pt", tmp_path / "d" / "model.pt", tmp_path / "cd.pt")
     cd = load_model(tmp_path / "cd.pt")
     assert cd.codec.dequantize and cd.codec.eps == 1e-5
+
+
+def test_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
+    from pcshower.models.model import ShowerModel
+
+    real = ShowerModel.flow_loss
+    monkeypatch.setattr(ShowerModel, "flow_loss", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    cfg = {"model": TINY_MODEL, "train": {"steps": 3, "checkpoint_every": 100}}
+    with pytest.raises(FloatingPointError, match="training stopped at step 0: the loss is nan"):
+        train(cfg, toy_showers(10), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "model.pt").exists()

@@ -84,6 +84,28 @@ DEFAULT_MODEL_CONFIG = {
 COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
 
 
+#: Network sizes that must be whole numbers of at least the value given (model config keys).
+_MIN_SIZES = {("epic", "point_dim"): 1, ("epic", "global_dim"): 1, ("epic", "hidden"): 1,
+              ("epic", "layers"): 1, ("flow", "transforms"): 1,
+              ("flow", "bins"): 2, ("steps",): 1, ("max_points",): 1}
+
+
+def check_sizes(cfg: dict) -> None:
+    """Refuse network sizes that would build a broken network (negative widths, no layers)."""
+    for keys, least in _MIN_SIZES.items():
+        value = cfg
+        for k in keys:
+            value = value[k]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"model config {'.'.join(keys)} must be a whole number >= {least}, "
+                             f"got {value!r}")
+    hidden = cfg["flow"]["hidden"]
+    if not isinstance(hidden, list) or not hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+        raise ValueError(f"model config flow.hidden must be a non-empty list of whole numbers "
+                         f">= 1, got {hidden!r}")
+
+
 def merge_config(base: dict, override: dict | None) -> dict:
     """Recursive dict update that rejects keys the base does not know (typos fail loudly)."""
     out = copy.deepcopy(base)
@@ -122,6 +144,7 @@ class ShowerModel(nn.Module):
     def __init__(self, config: dict | None = None):
         super().__init__()
         self.config = merge_config(DEFAULT_MODEL_CONFIG, config)
+        check_sizes(self.config)
         cfg = self.config
         sl = cfg["slices"]
         edges = slice_edges(int(sl["num"]), float(sl["z_max_x0"]), bool(sl["centred"]))

@@ -57,31 +57,90 @@ DEFAULT_TRAIN_CONFIG = {
 _LOG_FIELDS = ["step", "loss", "flow_loss", "point_loss", "lr", "grad_norm", "elapsed_s"]
 
 
+def _whole(lo):
+    return lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                      f"a whole number >= {lo}")
+
+
+def _number(lo, hi=math.inf, *, lo_open=False, hi_open=False):
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        return ok, f"a number in {left}{lo:g}, {hi:g}{right}"
+    return check
+
+
+#: What each ``train:`` key accepts: a check returning (ok, what was expected).
+_TRAIN_CHECKS = {
+    "steps": _whole(1), "batch_showers": _whole(1), "flow_batch": _whole(1),
+    "lr": _number(0, lo_open=True), "weight_decay": _number(0), "warmup": _whole(0),
+    "min_lr_fraction": _number(0, 1), "ema_decay": _number(0, 1, hi_open=True),
+    "grad_clip": _number(0, lo_open=True), "checkpoint_every": _whole(1), "log_every": _whole(1),
+    "seed": _whole(0), "val_fraction": _number(0, 1, hi_open=True),
+    "amp": lambda v: (isinstance(v, bool), "true or false"),
+    "threads": lambda v: (v is None or _whole(1)(v)[0], "null or a whole number >= 1"),
+    "parts": lambda v: (isinstance(v, list) and len(v) > 0 and set(v) <= {"flow", "points"}
+                        and len(set(v)) == len(v), "a non-empty list of 'flow' and 'points'"),
+    "init_from": lambda v: (v is None or isinstance(v, str), "null or a checkpoint path"),
+}
+
+
 def load_config(path: str | os.PathLike | dict | None) -> dict:
-    """``{"model": {...}, "train": {...}}`` from a YAML file (or a dict), unknown keys rejected."""
+    """``{"model": {...}, "train": {...}}`` from a YAML file (or a dict), validated once here:
+    unknown keys and out-of-range values are rejected with the file, the key and what was
+    expected. A file must have a ``train:`` section (an empty file is refused, not a default run);
+    ``None`` (the API's default) means the default settings."""
     if path is None:
-        raw = {}
+        raw = {"train": {}}
     elif isinstance(path, dict):
         raw = path
     else:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"training config {path} is a directory; name a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"training config {path} does not exist")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ValueError(f"training config {path} is not a text (YAML) file") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"training config {path}: not valid YAML{at}: {what}"
+                             + (" (YAML does not allow tabs for indentation)"
+                                if "\t" in path.read_text() else "")) from None
+        if raw is None:
+            raise ValueError(f"training config {path} is empty; it needs at least a 'train:' "
+                             "section (see configs/tiny.yaml)")
     if not isinstance(raw, dict):
         raise ValueError(f"training config {path}: expected a mapping with 'model' and 'train'")
     unknown = set(raw) - {"model", "train", "data"}
     if unknown:
         raise ValueError(f"training config {path}: unknown top-level keys {sorted(unknown)}; "
                          f"use 'model', 'train' (and an informational 'data')")
+    if "train" not in raw and not isinstance(path, dict):
+        raise ValueError(f"training config {path} has no 'train:' section (steps, batch_showers, "
+                         "...); see configs/tiny.yaml")
+    if not isinstance(raw.get("train") or {}, dict):
+        raise ValueError(f"training config {path}: 'train' must be a mapping of settings")
     train_cfg = dict(DEFAULT_TRAIN_CONFIG)
     for key, value in (raw.get("train") or {}).items():
         if key not in train_cfg:
             raise ValueError(f"training config {path}: unknown train key {key!r}; known: "
                              f"{sorted(train_cfg)}")
+        ok, expected = _TRAIN_CHECKS[key](value)
+        if not ok:
+            raise ValueError(f"training config {path}: train.{key} must be {expected}, got {value!r}")
         train_cfg[key] = value
-    ShowerModel(raw.get("model"))  # validates the model section
+    try:
+        ShowerModel(raw.get("model"))  # validates the model section
+    except ValueError as err:
+        if isinstance(path, dict):
+            raise
+        raise ValueError(f"training config {path}: {err}") from None
     return {"model": raw.get("model") or {}, "train": train_cfg, "data": raw.get("data") or {}}
 
 
@@ -230,6 +289,12 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
                                            _device_gen(gen, device))
                           if "points" in parts else zero)
             loss = flow_loss + point_loss
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"training stopped at step {step}: the loss is {float(loss):g} (flow "
+                f"{float(flow_loss):g}, points {float(point_loss):g}); lower train.lr or check the "
+                f"data for NaN/inf or empty showers. {out / 'last.pt'} holds the last good state "
+                "(if a checkpoint was written)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(tc["grad_clip"]))
