@@ -219,3 +219,16 @@ def test_the_default_recipe_describes_the_shipped_model():
                 recipe[key] = shipped[key]
         recipe["split"].update(factor=4, spread=True, snap_depth=True)
         assert recipe == shipped, name
+
+
+def test_sample_reports_every_network_call(tiny_model):
+    from pcshower.models.samplers import network_calls
+
+    net = load_model(tiny_model)
+    seen = []
+    net.sample([50.0, 60.0], [1.0, 1.2], [0.0, 0.0], steps=3, sampler="heun",
+               generator=torch.Generator().manual_seed(0), on_call=lambda: seen.append(1))
+    assert len(seen) == network_calls("heun", 3) == 5
+    assert network_calls("euler", 3) == 3
+    with pytest.raises(ValueError, match="unknown sampler"):
+        network_calls("rk4", 3)

@@ -17,6 +17,7 @@ import torch
 
 from pcshower.data.hits import CellHits
 from pcshower.data.showers import Showers
+from pcshower.models.samplers import network_calls
 from pcshower.units import deg_to_rad, particle_code, particle_name, resolve_device
 
 __all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
@@ -214,21 +215,35 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
 
         geom = load_geometry(geometry)
 
+    calls = network_calls(meta["sampler"], meta["steps"])
+
     def passes():
-        for start in tqdm(range(0, total, size), disable=not progress, desc="generate", unit="batch"):
-            sl = slice(start, start + size)
-            part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps, sampler=sampler,
-                              generator=gen, cond_phi=cond_phi)
-            part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
-                                                     device=part.device))
-            if pos is not None:
-                part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
-                                                              device=part.device))
-            part.hits = None
-            if geom is not None:  # placed and projected batch by batch: memory stays per batch
-                part = _project(part, geom, gen)
-            part.metadata.update(meta)
-            yield part
+        # the bar counts showers and moves with every network call of a pass (a pass of k
+        # showers advances k / calls per call), so it moves and shows a rate for one pass too
+        bar = tqdm(total=total, disable=not progress, desc="generate", unit="shower",
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
+                              "{rate_fmt}]")
+        try:
+            for start in range(0, total, size):
+                sl = slice(start, start + size)
+                k = len(e_arr[sl])
+                part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps,
+                                  sampler=sampler, generator=gen, cond_phi=cond_phi,
+                                  on_call=lambda: bar.update(k / calls))
+                bar.n = min(start + k, total)  # exact after the pass, whatever the rounding
+                bar.refresh()
+                part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
+                                                         device=part.device))
+                if pos is not None:
+                    part = part._replace(position=torch.as_tensor(pos[sl], dtype=torch.float64,
+                                                                  device=part.device))
+                part.hits = None
+                if geom is not None:  # placed and projected batch by batch: memory stays per batch
+                    part = _project(part, geom, gen)
+                part.metadata.update(meta)
+                yield part
+        finally:
+            bar.close()
 
     return passes()
 

@@ -359,8 +359,11 @@ class ShowerModel(nn.Module):
     @torch.no_grad()
     def sample(self, energy, theta, phi, *, steps: int | None = None, sampler: str | None = None,
                generator: torch.Generator | None = None, calibrate: bool = True,
-               cond_phi=None, shape: ShowerShape | None = None) -> Showers:
+               cond_phi=None, shape: ShowerShape | None = None, on_call=None) -> Showers:
         """Physics-frame showers for conditions ``energy [B]`` GeV, ``theta``/``phi [B]`` rad.
+
+        ``on_call``: called with no argument after every network (denoiser) call, e.g. to move a
+        progress bar.
 
         ``calibrate=False`` returns the network's raw points (no calibration to the sampled
         shape, no sub-voxel split: see :meth:`postprocess`).
@@ -399,7 +402,10 @@ class ShowerModel(nn.Module):
         shape_y = self.shape_context(shape)
 
         def denoiser(x, sigma):
-            return self.denoise(x, sigma.expand(b), cond, batch, counts, shape_y)
+            out = self.denoise(x, sigma.expand(b), cond, batch, counts, shape_y)
+            if on_call is not None:
+                on_call()
+            return out
 
         points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
         if calibrate:

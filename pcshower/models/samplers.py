@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["karras_sigmas", "sample_euler", "sample_heun", "SAMPLERS"]
+__all__ = ["karras_sigmas", "sample_euler", "sample_heun", "SAMPLERS", "network_calls"]
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -63,3 +63,10 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor) -> to
 
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+
+
+def network_calls(sampler: str, steps: int) -> int:
+    """Denoiser calls of ``sampler`` over ``steps`` steps (Heun: 2N - 1, its last step Euler)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    return int(steps) if sampler == "euler" else 2 * int(steps) - 1
