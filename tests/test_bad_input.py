@@ -106,3 +106,34 @@ def test_binary_config_names_the_file(tmp_path):
     cfg.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ValueError, match="bin.yaml is not a text"):
         load_config(cfg)
+
+
+# ---------------------------------------------------------------- files that lie
+def test_info_refuses_a_calochallenge_file_full_of_nan(tmp_path, capsys):
+    import h5py
+    import numpy as np
+
+    path = tmp_path / "nan.h5"
+    with h5py.File(path, "w") as f:
+        f["incident_energies"] = np.full((3, 1), 5e4)
+        f["showers"] = np.full((3, 368), np.nan)
+    assert main(["info", str(path)]) == 2
+    assert "'showers' holds 1104 NaN or infinite values" in capsys.readouterr().err
+
+
+def test_parquet_metadata_claiming_other_units_is_refused(tmp_path, showers):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pcshower.io import read_parquet, write_parquet
+
+    path = write_parquet(tmp_path / "s.parquet", showers)
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"pcshower"])
+    meta["units"]["points"]["x"] = "cm"
+    table = table.replace_schema_metadata({**table.schema.metadata,
+                                           b"pcshower": json.dumps(meta).encode()})
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="metadata says points is in .*'cm'.*convert"):
+        read_parquet(path)

@@ -89,6 +89,16 @@ def read_calochallenge(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
         vox = f["showers"][:]
     if vox.ndim != 2 or vox.shape[0] != inc.shape[0]:
         raise ValueError(f"{path}: 'showers' has shape {vox.shape} for {inc.shape[0]} incident energies")
+    for name, values in (("incident_energies", inc), ("showers", vox)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise ValueError(f"{path}: '{name}' holds {bad} NaN or infinite values; the file is "
+                             "damaged or was written from broken showers")
+    if (inc <= 0).any():
+        raise ValueError(f"{path}: 'incident_energies' holds {int((inc <= 0).sum())} values <= 0 "
+                         "(MeV); CaloChallenge incident energies are positive")
+    if (vox < 0).any():
+        raise ValueError(f"{path}: 'showers' holds {int((vox < 0).sum())} negative voxel energies")
     return inc, vox
 
 

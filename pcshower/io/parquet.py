@@ -27,7 +27,7 @@ import torch
 
 from pcshower.data import CellHits, Showers
 from pcshower.io._atomic import TMP_MARKER, atomic_path
-from pcshower.units import DETECTOR_FRAME_UNITS, PHYSICS_FRAME, PHYSICS_FRAME_UNITS
+from pcshower.units import DETECTOR_FRAME_UNITS, FRAMES, PHYSICS_FRAME, PHYSICS_FRAME_UNITS
 
 __all__ = [
     "ParquetBatchWriter",
@@ -173,6 +173,16 @@ def _check_metadata(path: Path, schema: pa.Schema, kind: str) -> dict:
     if meta.get("kind") != kind:
         raise ValueError(f"{path}: holds {meta.get('kind')!r} rows, expected {kind!r} "
                          f"(use read_{'hits_' if kind == 'hits' else ''}parquet)")
+    frame = meta.get("frame")
+    if frame not in FRAMES:
+        raise ValueError(f"{path}: metadata frame {frame!r} is not one of {FRAMES}")
+    expected = _base_metadata(kind, frame, None, None)["units"]
+    units = meta.get("units") or {}
+    for key, want in expected.items():
+        if key in units and units[key] != want:
+            raise ValueError(f"{path}: metadata says {key} is in {units[key]!r}, but pcshower "
+                             f"{frame}-frame files hold {want!r}; convert the values and the "
+                             "metadata to pcshower's units first")
     return meta
 
 
