@@ -105,3 +105,22 @@ def test_distortions_do_what_they_say():
     assert torch.allclose(scale_energy(s, 1.02).e, s.e * 1.02)
     assert torch.allclose(scale_transverse(s, 1.05).points[:, :2], s.points[:, :2] * 1.05)
     assert torch.equal(scale_transverse(s, 1.05).z, s.z)
+
+
+def test_mismatched_frames_and_geometries_are_refused(tmp_path, capsys):
+    phys = toy(20, 1)
+    write_parquet(tmp_path / "phys.parquet", phys)
+    det = toy(20, 2)._replace(frame="detector", geometry="ild")
+    write_parquet(tmp_path / "det.parquet", det)
+    write_parquet(tmp_path / "det_cld.parquet", det._replace(geometry="cld"))
+    cases = [
+        (["phys.parquet", "det.parquet"], "holds physics-frame points and"),
+        (["det.parquet", "det_cld.parquet"], "is for geometry 'ild' and"),
+        (["det_cld.parquet", "phys.parquet", "--geometry", "ild"], "points of geometry 'cld', not --geometry 'ild'"),
+    ]
+    for args, message in cases:
+        rc = main(["evaluate", *[str(tmp_path / a) if a.endswith(".parquet") else a for a in args],
+                   "--out", str(tmp_path / "x"), *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x").exists()

@@ -111,6 +111,55 @@ def load_sample(path: str, *, name: str, geometry, threshold_mev, max_showers, s
                                radial_edges=settings.get("radial_edges"), total=total, **common)
 
 
+def describe_input(path: str) -> tuple[str, str | None]:
+    """``(level, geometry)`` of an input file without reading its showers: level is
+    ``"physics"`` or ``"detector"`` for points, ``"cells"`` for hits and CaloChallenge voxels;
+    geometry is the name recorded in the file (None when it records none)."""
+    from pcshower import io
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if io.is_hdf5(p):
+        kind = io.hdf5_kind(p)
+        if kind == "caloclouds":
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                frame = str(f.attrs.get("frame", "detector"))
+                geometry = str(f.attrs.get("geometry", "")) or None
+            return frame, geometry
+        return "cells", None
+    meta = io.read_metadata(p)
+    level = "cells" if meta.get("kind") == "hits" else str(meta.get("frame"))
+    return level, meta.get("geometry") or None
+
+
+def check_comparable(generated: str, reference: str, geometry_name: str | None) -> None:
+    """Refuse samples that cannot be compared as given: points in different frames (or of
+    different detectors) without a geometry to put both on cells, a physics-frame sample against
+    cells, or a file recorded for another geometry than ``--geometry``."""
+    described = {path: describe_input(path) for path in (generated, reference)}
+    (lg, gg), (lr, gr) = described[generated], described[reference]
+    how = ("give --geometry NAME to compare them on cells (physics-frame showers are placed and "
+           "projected), or project first: pcshower project FILE --geometry NAME --out HITS.parquet")
+    what = {"physics": "physics-frame points", "detector": "detector-frame points",
+            "cells": "cell hits"}
+    if geometry_name is None:
+        if lg != lr:
+            raise ValueError(f"{generated} holds {what.get(lg, lg)} and {reference} "
+                             f"{what.get(lr, lr)}: {how}")
+        if lg != "physics" and gg and gr and gg != gr:
+            raise ValueError(f"{generated} is for geometry {gg!r} and {reference} for {gr!r}: "
+                             "compare samples of one detector")
+        return
+    for path, (level, geo) in described.items():
+        if level != "physics" and geo and geo != geometry_name:
+            raise ValueError(f"{path} holds {'cell hits' if level == 'cells' else 'points'} of "
+                             f"geometry {geo!r}, not --geometry {geometry_name!r}: give "
+                             f"--geometry {geo}, or re-project the physics-frame showers")
+
+
 def run(args: argparse.Namespace) -> int:
     from pcshower.evaluate.observables import mip_threshold_mev
     from pcshower.evaluate.report import compare_samples, write_report
@@ -132,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             threshold = mip_threshold_mev(geometry, args.threshold_mip)
     elif args.threshold_mev is not None or args.threshold_mip is not None:
         raise ValueError("a cell threshold needs cells: give --geometry too")
+    check_comparable(args.generated, args.reference, geometry.name if geometry is not None else None)
     progress = not getattr(args, "quiet", False)
     ref = load_sample(args.reference, name=names[1], geometry=geometry, threshold_mev=threshold,
                       max_showers=args.max_showers, seed=args.seed + 1, progress=progress)
