@@ -137,3 +137,36 @@ def test_parquet_metadata_claiming_other_units_is_refused(tmp_path, showers):
     pq.write_table(table, path)
     with pytest.raises(ValueError, match="metadata says points is in .*'cm'.*convert"):
         read_parquet(path)
+
+
+def test_directories_and_binary_files_are_named_as_such(tmp_path):
+    from pcshower.geometry import load_geometry
+    from pcshower.models.checkpoint import load_model
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a directory; name a YAML file"):
+        load_geometry(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"is a directory \(a training run\? its model is RUN/model.pt\)"):
+        load_model(tmp_path / "run")
+    binary = tmp_path / "det.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ValueError, match="det.yaml is not a text"):
+        load_geometry(binary)
+
+
+@pytest.mark.parametrize("theta, words", [("200", "--theta 200 degrees: the polar angle must lie in [0, 180]"),
+                                          ("-5:30", "--theta -5:30 degrees")])
+def test_cli_simulate_angles_are_checked_in_degrees(tmp_path, capsys, theta, words):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--energy", "10", f"--theta={theta}", "--n", "2", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_training_seed_beyond_64_bits_is_refused(tmp_path):
+    from pcshower.models.train import load_config
+
+    with pytest.raises(ValueError, match=r"train.seed must be a whole number in \[0, 2\*\*64\)"):
+        load_config({"train": {"seed": 2 ** 64}})

@@ -38,6 +38,9 @@ def load_geometry(name_or_path: str | os.PathLike | Geometry) -> Geometry:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") or os.sep in text or path.is_file():
+        if path.is_dir():
+            raise ValueError(f"geometry {text} is a directory; name a YAML file (or a built-in "
+                             f"geometry: {', '.join(list_geometries())})")
         if not path.is_file():
             raise FileNotFoundError(f"geometry file {text} does not exist")
         return _load_file(str(path.resolve()), path.stat().st_mtime_ns)
@@ -50,5 +53,9 @@ def load_geometry(name_or_path: str | os.PathLike | Geometry) -> Geometry:
 
 @lru_cache(maxsize=32)
 def _load_file(path: str, mtime_ns: int) -> Geometry:
-    spec = parse_geometry(Path(path).read_text(), path)
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"geometry file {path} is not a text (YAML) file") from None
+    spec = parse_geometry(text, path)
     return Geometry(spec)

@@ -72,6 +72,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """The verified checkpoint dict; raises :class:`CheckpointError` naming the file and problem."""
     path = Path(path)
+    if path.is_dir():
+        hint = " (a training run? its model is RUN/model.pt)" if (path / "model.pt").is_file() else ""
+        raise ValueError(f"checkpoint {path} is a directory{hint}; name a .pt file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

@@ -77,7 +77,8 @@ _TRAIN_CHECKS = {
     "lr": _number(0, lo_open=True), "weight_decay": _number(0), "warmup": _whole(0),
     "min_lr_fraction": _number(0, 1), "ema_decay": _number(0, 1, hi_open=True),
     "grad_clip": _number(0, lo_open=True), "checkpoint_every": _whole(1), "log_every": _whole(1),
-    "seed": _whole(0), "val_fraction": _number(0, 1, hi_open=True),
+    "seed": lambda v: (_whole(0)(v)[0] and v < 2 ** 64, "a whole number in [0, 2**64)"),
+    "val_fraction": _number(0, 1, hi_open=True),
     "amp": lambda v: (isinstance(v, bool), "true or false"),
     "threads": lambda v: (v is None or _whole(1)(v)[0], "null or a whole number >= 1"),
     "parts": lambda v: (isinstance(v, list) and len(v) > 0 and set(v) <= {"flow", "points"}

@@ -184,6 +184,11 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
                     shard_size=int(shard_size), engine=str(engine), reduce=bool(reduce),
                     grid=_grid_json(grid), engine_options=dict(engine_options or {}))
     _validate(cfg)
+    for option, (lo, hi), top in (("theta", cfg.theta_deg, 180.0), ("phi", cfg.phi_deg, None)):
+        if not (math.isfinite(lo) and math.isfinite(hi)) or (top is not None and not 0 <= lo <= hi <= top):
+            shown = f"{lo:g}" if lo == hi else f"{lo:g}:{hi:g}"
+            raise ValueError(f"--{option} {shown} degrees: " + (
+                f"the polar angle must lie in [0, {top:g}] degrees" if top else "must be finite"))
     # draw and check every shard's conditions before anything touches the disk
     tasks = []
     for i in range(cfg.num_shards):
