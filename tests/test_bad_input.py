@@ -170,3 +170,34 @@ def test_training_seed_beyond_64_bits_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"train.seed must be a whole number in \[0, 2\*\*64\)"):
         load_config({"train": {"seed": 2 ** 64}})
+
+
+@pytest.mark.parametrize("command", [
+    ["simulate", "--energy", "10", "--theta", "60", "--n", "2", "--no-progress", "--out", "{ro}/sim"],
+    ["train", "--config", "configs/tiny.yaml", "--data", "nothing.parquet", "--out", "{ro}/run"],
+    ["project", "nothing.parquet", "--geometry", "ild", "--out", "{ro}/hits.parquet"],
+    ["convert", "nothing.parquet", "{ro}/x.h5"],
+    ["geometry", "show", "ild", "--png", "{ro}/ild.png"],
+    ["evaluate", "a.parquet", "b.parquet", "--out", "{ro}/report"],
+])
+def test_writing_into_a_read_only_folder_is_one_line_before_work(tmp_path, capsys, monkeypatch,
+                                                                 command):
+    import os
+    from pathlib import Path
+
+    from pcshower.io import _atomic
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real = os.access
+    monkeypatch.setattr(_atomic.os, "access",  # root may write anywhere: judge by the mode
+                        lambda p, mode: False if Path(p) == ro else real(p, mode))
+    try:
+        rc = main([a.format(ro=ro) for a in command])
+        err = capsys.readouterr().err
+        assert rc == 1, err
+        assert "cannot write in" in err and "Traceback" not in err and err.count("\n") == 1
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o755)

@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
             threshold = mip_threshold_mev(geometry, args.threshold_mip)
     elif args.threshold_mev is not None or args.threshold_mip is not None:
         raise ValueError("a cell threshold needs cells: give --geometry too")
+    from pcshower.io._atomic import check_output
+
+    check_output(args.out, directory=True)
     check_comparable(args.generated, args.reference, geometry.name if geometry is not None else None)
     progress = not getattr(args, "quiet", False)
     ref = load_sample(args.reference, name=names[1], geometry=geometry, threshold_mev=threshold,

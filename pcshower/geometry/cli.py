@@ -49,7 +49,10 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     from pcshower.geometry import load_geometry
+    from pcshower.io._atomic import check_output
 
+    if args.png:
+        check_output(args.png, overwrite=True, option="--png")
     geo = load_geometry(args.name)
     summary = geo.summary()
     if args.json:
@@ -74,8 +77,10 @@ def _project(args) -> int:
     from pcshower.geometry import load_geometry
     from pcshower.io.parquet import _concat_hits
 
+    from pcshower.io._atomic import check_output
+
+    out = check_output(args.out, overwrite=True)
     geo = load_geometry(args.geometry)
-    out = Path(args.out)
     to_hdf5 = io.is_hdf5(out)
     if not to_hdf5 and out.suffix.lower() != ".parquet":
         raise ValueError(f"{out}: unknown output format; use .parquet (cell hits) or .h5/.hdf5 "

@@ -75,16 +75,23 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
-    """Check before any work that ``path`` can be written: not a directory, not an existing file
-    unless ``overwrite``, and a writable folder to put it in (the nearest existing one, since
-    missing folders are made). Raises ``ValueError`` (usage) or ``PermissionError`` (I/O)."""
+def check_output(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out",
+                 directory: bool = False) -> Path:
+    """Check before any work that ``path`` can be written: a file that is not a directory and
+    not an existing file unless ``overwrite``, or (``directory=True``) a folder that is not a
+    file; and a writable folder to put it in (the nearest existing one, since missing folders
+    are made). Raises ``ValueError`` (usage) or ``PermissionError`` (I/O)."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory; name a file")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
-    folder = path.parent
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{option} {path} exists and is not a directory")
+        folder = path
+    else:
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a directory; name a file")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
+        folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):

@@ -87,7 +87,9 @@ def _info(args) -> int:
 
 def _convert(args) -> int:
     from pcshower import io
+    from pcshower.io._atomic import check_output
 
+    check_output(args.output, overwrite=True, option="output")
     if io.is_hdf5(args.input):
         showers = io.read_caloclouds(args.input, energy_scale=args.energy_scale)
     else:

@@ -117,8 +117,10 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
+    from pcshower.io._atomic import check_output
     from pcshower.models.train import train
 
+    check_output(args.out, directory=True)
     metrics = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                     progress=not args.no_progress, init_from=args.init_from)
     print(f"trained {metrics['steps']} steps in {metrics['train_time_s']} s; "
@@ -185,14 +187,19 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
 
 
 def _combine(args) -> int:
+    from pcshower.io._atomic import check_output
     from pcshower.models.checkpoint import combine_checkpoints
 
+    check_output(args.out, overwrite=True)
     combine_checkpoints(args.points, args.flow, args.out)
     print(f"wrote {args.out}: point network of {args.points}, flow of {args.flow}")
     return 0
 
 
 def _fit_split(args) -> int:
+    from pcshower.io._atomic import check_output
+
+    check_output(args.out, overwrite=True)
     info = fit_split(args.model, args.data, args.out, factor=args.factor,
                      max_showers=args.max_showers, snap_depth=args.snap_depth or None,
                      declump=args.declump or None, spread_key=args.spread_key,

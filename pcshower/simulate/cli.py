@@ -63,8 +63,10 @@ def _parse_grid(text):
 
 
 def _run(args) -> int:
+    from pcshower.io._atomic import check_output
     from pcshower.simulate.production import produce
 
+    check_output(args.out, directory=True)
     summary = produce(args.out, n=args.n, energy=args.energy, theta=args.theta, phi=args.phi,
                       particle=args.particle, stack=args.stack, frame=args.frame, seed=args.seed,
                       shard_size=args.shard_size, spectrum=args.spectrum, engine=args.engine,
