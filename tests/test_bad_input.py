@@ -201,3 +201,21 @@ def test_writing_into_a_read_only_folder_is_one_line_before_work(tmp_path, capsy
         assert not list(ro.iterdir())
     finally:
         ro.chmod(0o755)
+
+
+def test_particles_outside_the_models_record_are_refused():
+    from pcshower.models.checkpoint import load_model
+    from pcshower.models.generate import default_model_path
+
+    with pytest.raises(ValueError, match="trained on photon only, not pi"):
+        generate(50.0, 90.0, "ild", n=1, particle="pion")
+    with pytest.raises(ValueError, match="trained on photon only, not electron"):
+        generate(50.0, 90.0, "ild", n=1, particle=11)
+    net = load_model(default_model_path())
+    info = dict(net.checkpoint_info)
+    info["provenance"] = {k: v for k, v in info["provenance"].items() if k != "particles"}
+    net.checkpoint_info = info
+    with pytest.raises(ValueError, match="does not record which particles"):
+        generate(50.0, 90.0, None, n=1, model=net)
+    with pytest.warns(UserWarning, match="does not record which particles"):
+        generate(50.0, 90.0, None, n=1, model=net, allow_extrapolation=True, seed=1, steps=1)

@@ -54,6 +54,18 @@ def _digest(obj, h=None) -> str:
     return h.hexdigest()
 
 
+def combined_training_record(points: dict, flow: dict) -> dict:
+    """What a combined model was trained on, from its two parts' provenance: the particles both
+    parts saw, and the azimuth range of the point network (the part conditioned on phi). Keys a
+    part does not record are left out (generate then treats them as unknown)."""
+    record = {}
+    if "particles" in points and "particles" in flow:
+        record["particles"] = sorted(set(points["particles"]) & set(flow["particles"]))
+    if "phi_range_rad" in points:
+        record["phi_range_rad"] = points["phi_range_rad"]
+    return record
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` (must hold ``config``, ``weights``, ``normalization``, ``frame``) with the
     format tag, versions and digest added; atomic (temporary file + rename)."""
@@ -188,5 +200,6 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
     provenance = {"combined": {part: {"path": str(path), "sha256": b["sha256"],
                                       "provenance": b.get("provenance", {})}
                                for part, path, b in (("points", points, pb), ("flow", flow, fb))}}
+    provenance.update(combined_training_record(pb.get("provenance", {}), fb.get("provenance", {})))
     metrics = {"points": pb.get("metrics", {}), "flow": fb.get("metrics", {})}
     return save_checkpoint(out, model_payload(model, metrics=metrics, provenance=provenance))

@@ -178,9 +178,11 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
         raise ValueError("phi must be a finite number of degrees")
     code = particle_code(particle)
     trained = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("particles")
-    if trained and code not in trained:
-        names = ", ".join(particle_name(p) for p in trained)
-        msg = f"the model was trained on {names} only, not {particle_name(code)}"
+    if not trained or code not in trained:
+        names = ", ".join(particle_name(p) for p in trained or ())
+        msg = (f"the model was trained on {names} only, not {particle_name(code)}" if trained else
+               f"the model does not record which particles it was trained on, so "
+               f"{particle_name(code)} showers from it are a guess")
         if not allow_extrapolation:
             raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
         warnings.warn(msg, stacklevel=3)
