@@ -177,8 +177,11 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     if not np.all(np.isfinite(phi_arr)):
         raise ValueError("phi must be a finite number of degrees")
     code = particle_code(particle)
+    # a model read from a checkpoint must say what it was trained on; one built in memory
+    # (no checkpoint_info) is its maker's to judge
+    from_file = bool(getattr(net, "checkpoint_info", None))
     trained = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("particles")
-    if not trained or code not in trained:
+    if (from_file and not trained) or (trained and code not in trained):
         names = ", ".join(particle_name(p) for p in trained or ())
         msg = (f"the model was trained on {names} only, not {particle_name(code)}" if trained else
                f"the model does not record which particles it was trained on, so "
