@@ -162,7 +162,7 @@ class ShowerModel(nn.Module):
             raise ValueError(f"epic.shape_embed must be >= 0 (0: off), got {width}")
         # conditioning the points on the flow's shape: the calibration then deals the network's
         # points to the slices it was asked for, instead of a profile it chose itself (measured
-        # for the default model: no better, docs/models.md session 6)
+        # for the default model: no better, docs/models.md version 6)
         self.shape_embed = None if width == 0 else nn.Sequential(
             nn.Linear(self.codec.num_features, 4 * width), nn.LeakyReLU(0.01),
             nn.Linear(4 * width, width))

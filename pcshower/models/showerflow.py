@@ -194,7 +194,7 @@ class ShapeCodec:
         :meth:`zero_fractions`) spread uniformly over the fractions [0, eps): ln(eps (1 + u)),
         ``u`` uniform in [0, 1) of ``y``'s shape. Many showers have no energy in their first or
         last slices; their zeros are a point mass at ln(eps) that a flow can only smear into its
-        neighbours (measured on the session-8 default flow: 0.37-0.90 of the reference's mean
+        neighbours (measured on the version-8 default flow: 0.37-0.90 of the reference's mean
         energy in slices 1-8 of 0.5 X0), while a box of width ln 2 is a density it can learn.
         Decoding maps the box back to zero."""
         return torch.where(zero, math.log(self.eps) + torch.log1p(u), y)
