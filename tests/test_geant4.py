@@ -230,7 +230,8 @@ def test_split_along_chord_conserves_energy_and_stays_on_the_step():
 
     a = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     b = np.array([[0.3, 0.0, 0.0], [1.0, 3.5, 1.0]])  # 0.3 mm and 2.5 mm long
-    pts = split_along_chord(a, b, np.array([2.0, 5.0]), max_mm=1.0)
+    pts, step = split_along_chord(a, b, np.array([2.0, 5.0]), max_mm=1.0)
+    assert step.tolist() == [0, 1, 1, 1]
     assert len(pts) == 1 + 3
     np.testing.assert_allclose(pts[0], [0.15, 0.0, 0.0, 2.0])  # short step: its mid-point
     np.testing.assert_allclose(pts[1:, 1], [1.0 + 2.5 / 6, 1.0 + 2.5 / 2, 1.0 + 2.5 * 5 / 6])

@@ -75,9 +75,8 @@ def _project(args) -> int:
 
     from pcshower import io
     from pcshower.geometry import load_geometry
-    from pcshower.io.parquet import _concat_hits
-
     from pcshower.io._atomic import check_output
+    from pcshower.io.parquet import _concat_hits
 
     out = check_output(args.out, overwrite=True)
     geo = load_geometry(args.geometry)

@@ -226,9 +226,12 @@ def _generate(args) -> int:
         raise ValueError("--geometry none writes physics-frame points: use a .parquet --out")
     from pcshower.io._atomic import check_output
 
-    check_output(out, overwrite=args.overwrite)
-    if suffix == ".parquet" and geometry is not None:
-        check_output(out.with_name(out.stem + "_hits.parquet"), overwrite=args.overwrite)
+    # a .parquet --out with a geometry gets its cell hits beside it
+    hits_path = out.with_name(out.stem + "_hits.parquet") \
+        if suffix == ".parquet" and geometry is not None else None
+    for path in (out, hits_path):
+        if path is not None:
+            check_output(path, overwrite=args.overwrite)
     rng = np.random.default_rng(args.seed)
     conds = {}
     for name in ("energy", "theta", "phi"):
@@ -241,7 +244,6 @@ def _generate(args) -> int:
     if suffix == ".parquet":
         # written pass by pass (batch_size showers): memory stays bounded by a pass however large
         # --n is; both files appear only when complete
-        hits_path = out.with_name(out.stem + "_hits.parquet") if geometry is not None else None
         count = 0
         with contextlib.ExitStack() as stack:
             points = stack.enter_context(ParquetBatchWriter(out, "showers"))

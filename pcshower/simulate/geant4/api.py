@@ -74,7 +74,8 @@ def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
     """Low-level: run Geant4 and return the raw :class:`EventRecord` (points, per-slab deposits,
     leakage) — what the conservation tests and the engine comparison read. ``reference=True``
     also records the same events with the slow, independent stepping-action recorder
-    (``record.reference_points``), to validate the production recording."""
+    (``record.reference_steps``; :func:`~pcshower.simulate.geant4.engine.reference_points`
+    makes points of them), to validate the production recording."""
     energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
     engine = get_engine(cut_mm=cut_mm, physics=physics)
     if engine.cut_mm != float(cut_mm) or engine.physics != physics:

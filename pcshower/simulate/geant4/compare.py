@@ -89,8 +89,7 @@ def shower_observables(points: np.ndarray, ptr: np.ndarray, energy_gev: np.ndarr
     w = layer_weights(stack)
     return {"long": long / e_mev[:, None], "radial": radial / e_mev[:, None], "evis": long.sum(1),
             "ew": (long * w[None, :]).sum(1), "hits": hits, "points": counts, "energy_gev": np.asarray(energy_gev),
-            "sigma_t_mm": np.sqrt(0.5 * sigma), "mean_log10_cell_mev": mean_log10,
-            "cell_mev": ce, "cell_shower": cs}
+            "sigma_t_mm": np.sqrt(0.5 * sigma), "mean_log10_cell_mev": mean_log10}
 
 
 def _summary(obs: dict) -> dict:

@@ -9,8 +9,8 @@ coordinates ARE the stack-local detector frame (mm). Physics: ``G4EmStandardPhys
 Recording, chosen to keep Python off the hot path while every deposit keeps its own position:
 
 - active slabs: a ``G4MultiFunctionalDetector`` with two Python primitive scorers behind C++
-  filters. Charged steps (``G4SDChargedFilter``) give one point at the mid-step position (their
-  deposit is continuous along the step); photon steps (``G4SDNeutralFilter``) give a point at the
+  filters. Charged steps (``G4SDChargedFilter``) give points along the step (their deposit is
+  continuous along it; see ``SEGMENT_MM`` below); photon steps (``G4SDNeutralFilter``) give a point at the
   post-step position, where the interaction happened, when they deposit anything (the local
   deposits of below-cut Compton and photo-electrons: ``G4EmStandardPhysics_option1`` applies the
   production cuts to photon secondaries). Python runs only for steps in active material;
@@ -67,14 +67,13 @@ class EventRecord:
     """Raw result of a batch of events (numpy, detector frame, mm / MeV).
 
     ``points`` [P, 4] (x, y, z, e) of active-slab deposits, ``ptr`` [B+1]; ``photon_step`` [P]
-    True for the deposits of photon steps (post-step position), False for charged steps
-    (mid-step); ``slab_edep_mev`` [B, S] energy deposited in every slab (active and passive);
+    True for the deposits of photon steps (post-step position), False for the pieces of
+    charged steps (along the step); ``slab_edep_mev`` [B, S] energy deposited in every slab (active and passive);
     ``leakage_mev`` [B]; ``active_steps`` [B] number of recorded steps. With the reference
     recorder on, ``reference_steps`` [R, 9] / ``reference_ptr`` [B+1] hold its independent
     recording of the same events (every depositing step in an active slab: pre-step x, y, z,
     post-step x, y, z, deposit, slab index, 1 if charged; :func:`reference_points` turns it
-    into points),
-    else None.
+    into points), else None.
     """
 
     points: np.ndarray
@@ -97,17 +96,19 @@ class EventRecord:
             if len(self.points) else np.zeros(len(self.ptr) - 1)
 
 
-def split_along_chord(a: np.ndarray, b: np.ndarray, edep: np.ndarray, max_mm: float) -> np.ndarray:
-    """[P', 4] points (x, y, z, e) of steps from ``a`` to ``b`` ([P, 3], mm) depositing ``edep``:
-    each step cut into ``ceil(|b - a| / max_mm)`` equal pieces, one point at the centre of each
-    with an equal share of the deposit (so a step shorter than ``max_mm`` is its mid-point)."""
+def split_along_chord(a: np.ndarray, b: np.ndarray, edep: np.ndarray,
+                      max_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(points [P', 4], step [P'])`` for steps from ``a`` to ``b`` ([P, 3], mm) depositing
+    ``edep``: each step cut into ``ceil(|b - a| / max_mm)`` equal pieces, one point (x, y, z, e)
+    at the centre of each with an equal share of the deposit (so a step shorter than ``max_mm``
+    is its mid-point); ``step`` is the index of the step each point comes from."""
     length = np.linalg.norm(b - a, axis=1)
     pieces = np.maximum(np.ceil(length / max_mm), 1).astype(np.int64)
     step = np.repeat(np.arange(len(a)), pieces)
     first = np.repeat(np.cumsum(pieces) - pieces, pieces)
     frac = (np.arange(len(step)) - first + 0.5) / pieces[step]
     xyz = a[step] + frac[:, None] * (b - a)[step]
-    return np.c_[xyz, edep[step] / pieces[step]]
+    return np.c_[xyz, edep[step] / pieces[step]], step
 
 
 def reference_points(record: "EventRecord", stack: Stack, max_mm: float = 0.1,
@@ -124,20 +125,16 @@ def reference_points(record: "EventRecord", stack: Stack, max_mm: float = 0.1,
         raise ValueError("this record has no reference recording: run with reference=True")
     if position not in ("chord", "post"):
         raise ValueError(f"position must be 'chord' or 'post', got {position!r}")
+    if not max_mm > 0:
+        raise ValueError(f"max_mm must be > 0, got {max_mm!r}")
     r = record.reference_steps
     counts = np.diff(record.reference_ptr)
-    shower = np.repeat(np.arange(len(counts)), counts)
-    slab = r[:, 7].astype(np.int64)
-    a = r[:, :3].copy()
-    if position == "post" or max_mm <= 0:
-        a[:] = r[:, 3:6]
-    else:
-        a[r[:, 8] < 0.5] = r[r[:, 8] < 0.5, 3:6]  # photon steps: a point at the interaction
-    length = np.linalg.norm(r[:, 3:6] - a, axis=1)
-    pieces = np.maximum(np.ceil(length / max_mm), 1).astype(np.int64) if max_mm > 0 else \
-        np.ones(len(r), dtype=np.int64)
-    pts = split_along_chord(a, r[:, 3:6], r[:, 6], max_mm if max_mm > 0 else np.inf)
-    shower, slab = np.repeat(shower, pieces), np.repeat(slab, pieces)
+    # a zero-length "step" from the post-step point to itself is that point: photon steps
+    # always (their deposit is at the interaction), every step for position="post"
+    start = r[:, 3:6].copy() if position == "post" else np.where(r[:, 8:9] < 0.5, r[:, 3:6], r[:, :3])
+    pts, step = split_along_chord(start, r[:, 3:6], r[:, 6], max_mm)
+    shower = np.repeat(np.arange(len(counts)), counts)[step]
+    slab = r[step, 7].astype(np.int64)
     edges = stack.z_edges_mm
     pts[:, 2] = np.clip(pts[:, 2], edges[slab] + 1e-6, edges[slab + 1] - 1e-6)
     ptr = np.concatenate([[0], np.cumsum(np.bincount(shower, minlength=len(counts)))])
@@ -264,8 +261,7 @@ class Geant4Engine:
         class ReferenceRecorder(g4.G4UserSteppingAction):
             """Independent recording: every step with a deposit whose pre-step volume is an
             active slab, as (pre-step x, y, z, post-step x, y, z, deposit, slab index, charged);
-            see
-            :func:`reference_points` for the points made of it. Slow: Python runs for every
+            see :func:`reference_points` for the points made of it. Slow: Python runs for every
             step of the event."""
 
             def __init__(self):
@@ -471,7 +467,7 @@ class Geant4Engine:
 
     def _end_event(self, event):
         charged = np.asarray(self.charged_scorer.buf, dtype=np.float64).reshape(-1, 7)
-        charged = split_along_chord(charged[:, :3], charged[:, 3:6], charged[:, 6], SEGMENT_MM)
+        charged, _ = split_along_chord(charged[:, :3], charged[:, 3:6], charged[:, 6], SEGMENT_MM)
         photon = np.asarray(self.photon_scorer.buf, dtype=np.float64).reshape(-1, 4)
         pts = np.concatenate([np.c_[charged, np.zeros(len(charged))], np.c_[photon, np.ones(len(photon))]])
         n_slabs = len(self.stack.slabs)
