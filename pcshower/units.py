@@ -17,6 +17,7 @@ __all__ = [
     "INCIDENT_ENERGY_UNIT",
     "ANGLE_UNIT",
     "FRAMES",
+    "BOTH_FRAMES",
     "PHYSICS_FRAME",
     "DETECTOR_FRAME",
     "PHYSICS_FRAME_UNITS",
@@ -40,6 +41,8 @@ GEV_TO_MEV = 1000.0
 PHYSICS_FRAME = "physics"
 DETECTOR_FRAME = "detector"
 FRAMES = (PHYSICS_FRAME, DETECTOR_FRAME)
+#: Productions and engines may record one simulation in both frames at once.
+BOTH_FRAMES = "both"
 
 # Units of the x, y, z, e point features in each frame (written into every file's metadata).
 PHYSICS_FRAME_UNITS = {"x": "R_M", "y": "R_M", "z": "X0", "e": "fraction of incident energy"}

@@ -186,6 +186,12 @@ def test_frames_inclined_shower():
     rec = run_geant4([4.0, 4.0], theta, phi, 22, stack, seed=9)
     sums = np.add.reduceat(q[:, 3], phys.ptr[:-1].numpy())
     np.testing.assert_allclose(sums, rec.deposited_mev / 4000.0, rtol=1e-4)
+    # one transport recorded in both frames gives each frame's showers
+    both = simulate_geant4([4.0, 4.0], theta, phi, 22, stack, seed=9, frame="both")
+    for frame, single in (("physics", phys), ("detector", det)):
+        assert both[frame].frame == frame
+        assert torch.equal(both[frame].points, single.points)
+        assert torch.equal(both[frame].ptr, single.ptr)
 
 
 @needs_g4

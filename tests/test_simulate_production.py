@@ -105,6 +105,44 @@ def test_damaged_shards_are_made_again_and_the_directory_is_a_parquet_dataset(tm
     assert (full / "_run.json").is_file() and not (full / "run.json").exists()
 
 
+def test_shard_ranges_build_the_same_data_set_as_one_run(tmp_path):
+    _produce(tmp_path / "whole")
+    part = tmp_path / "parts"
+    first = _produce(part, shards="0:1")
+    assert first["written"] == 1 and first["range"] == (0, 1)
+    assert [p.name for p in list_shards(part)] == ["shard-00000.parquet"]
+    assert _produce(part, shards=(2, 3))["written"] == 1
+    rest = _produce(part)  # the whole run: only the missing shard is made
+    assert rest["written"] == 1 and rest["already_done"] == 2 and "range" not in rest
+    _same(read_parquet(part), read_parquet(tmp_path / "whole"))
+    for bad in ("3:4", "1:1", "a:b", "0:1:2", "-1:2"):
+        with pytest.raises(ValueError, match="this run has 3 shards"):
+            _produce(part, shards=bad)
+
+
+def test_both_frames_record_the_same_showers(tmp_path):
+    out = tmp_path / "both"
+    _produce(out, frame="both", grid=None, n=12)
+    with pytest.raises(FileNotFoundError, match="both frames: read .*physics or .*detector"):
+        list_shards(out)
+    assert json.loads((out / "_run.json").read_text())[
+        "pcshower_run"]["frame"] == "both"
+    phys, det = read_parquet(out / "physics"), read_parquet(out / "detector")
+    assert (phys.frame, det.frame) == ("physics", "detector") and len(phys) == len(det) == 12
+    assert torch.equal(phys.energy, det.energy) and torch.equal(phys.theta, det.theta)
+    # the same spots as single-frame runs with the same seed (grid: each frame's default)
+    _same(phys, read_parquet(_produce(tmp_path / "p", grid=None, n=12)["directory"]))
+    _same(det, read_parquet(_produce(tmp_path / "d", frame="detector", grid=None,
+                                     n=12)["directory"]))
+    # a shard missing in one frame is made again in both
+    (out / "detector" / "shard-00001.parquet").unlink()
+    again = _produce(out, frame="both", grid=None, n=12)
+    assert again["written"] == 1 and again["already_done"] == 1
+    _same(read_parquet(out / "detector"), det)
+    with pytest.raises(ValueError, match="grid preset"):
+        _produce(tmp_path / "x", frame="both", grid=(0.1, 0.1, 0.1))
+
+
 def test_different_run_into_same_directory_is_refused(tmp_path):
     _produce(tmp_path / "d", n=5)
     with pytest.raises(ValueError, match="different run.*seed"):

@@ -66,6 +66,10 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
         files = sorted(p for p in path.glob("*.parquet")
                        if TMP_MARKER not in p.name and not p.name.startswith("."))
         if not files:
+            frames = [f for f in ("physics", "detector") if (path / f).is_dir()]
+            if frames:
+                raise FileNotFoundError(f"{path} holds a production in both frames: read "
+                                        + " or ".join(str(path / f) for f in frames))
             raise FileNotFoundError(f"{path}: directory holds no .parquet shards")
         return files
     if not path.exists():

@@ -34,8 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--phi", default="0:360", help="azimuth in degrees: P or LOW:HIGH (default 0:360)")
     p.add_argument("--n", type=int, required=True, help="number of showers")
     p.add_argument("--out", required=True, help="output directory (shards shard-00000.parquet, ...)")
-    p.add_argument("--frame", choices=("physics", "detector"), default="physics",
-                   help="physics: X0/R_M/energy fraction; detector: active-layer deposits, mm/MeV")
+    p.add_argument("--frame", choices=("physics", "detector", "both"), default="physics",
+                   help="physics: X0/R_M/energy fraction; detector: active-layer deposits, mm/MeV; "
+                        "both: the same showers in OUT/physics/ and OUT/detector/")
     p.add_argument("--seed", type=int, default=0, help="run seed (shard i uses (seed, i))")
     p.add_argument("--shard-size", type=int, default=10_000, help="showers per shard")
     p.add_argument("--engine", choices=ENGINE_NAMES, default="parametrised")
@@ -44,6 +45,9 @@ def register(subparsers) -> None:
                         "units (DZ may be 'layer' in the detector frame); default medium (physics) "
                         "or fine (detector)")
     p.add_argument("--no-reduce", action="store_true", help="keep every spot/step (no merging)")
+    p.add_argument("--shards", default=None, metavar="START:STOP",
+                   help="make only shards START..STOP-1 of the run (a farm job, or the first "
+                        "shards of a long run); the data set is the same as one whole run's")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
@@ -71,9 +75,11 @@ def _run(args) -> int:
                       particle=args.particle, stack=args.stack, frame=args.frame, seed=args.seed,
                       shard_size=args.shard_size, spectrum=args.spectrum, engine=args.engine,
                       reduce=not args.no_reduce, grid=_parse_grid(args.grid),
-                      workers=args.workers, progress=not args.no_progress)
+                      workers=args.workers, progress=not args.no_progress,
+                      shards=args.shards)
     print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
-          f"({summary['written']} written now, {summary['already_done']} already done)")
+          f"({summary['written']} written now, {summary['already_done']} already done"
+          + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
     if "points_per_shower_before" in summary:
         print(f"points per shower: {summary['points_per_shower_before']:.0f} simulated, "
               f"{summary['points_per_shower_after']:.0f} after reduction")

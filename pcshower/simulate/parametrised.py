@@ -29,7 +29,8 @@ from pcshower.physics.sampling import (DEFAULT_CROSSING_RMS, depth_x0_to_mm, sam
                                        to_active_layers)
 from pcshower.physics.stack import Stack
 from pcshower.simulate import gflash
-from pcshower.units import DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code, particle_name
+from pcshower.units import (BOTH_FRAMES, DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code,
+                            particle_name)
 
 __all__ = ["simulate_parametrised", "EM_PARTICLES", "ENERGY_RANGE_GEV", "MAX_THETA_RAD",
            "MAX_RADIUS_RM"]
@@ -177,7 +178,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         seed: all randomness comes from ``torch.Generator().manual_seed(seed)``: the same seed and
             inputs give identical showers.
         frame: ``"physics"`` (X0, R_M, energy fraction) or ``"detector"`` (mm, MeV, visible
-            energy in active layers, stack-local frame with the impact point at the origin).
+            energy in active layers, stack-local frame with the impact point at the origin), or
+            ``"both"``: ``{"physics": Showers, "detector": Showers}`` of the same spots.
         spot_scale: multiplies GFlash's number of spots (1 = the published count).
         max_radius_rm: the radial profile is cut at this radius (R_M) and renormalised inside
             it; ``None`` keeps the full r^-3 tail of the ansatz (see :data:`MAX_RADIUS_RM`).
@@ -190,8 +192,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         Unreduced :class:`~pcshower.data.Showers` (one point per spot), float32 points; the
         metadata names the generator and the medium.
     """
-    if frame not in FRAMES:
-        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if frame not in (*FRAMES, BOTH_FRAMES):
+        raise ValueError(f"frame must be one of {FRAMES} or {BOTH_FRAMES!r}, got {frame!r}")
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a pcshower.physics.Stack, got {type(stack).__name__}")
     if spot_scale <= 0:
@@ -201,7 +203,7 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
                          f"{max_radius_rm!r}")
     energy_np, theta_np, phi_np, code = _check_inputs(energy_gev, theta, phi, particle)
     medium = stack.effective_medium()
-    if frame == DETECTOR_FRAME:
+    if frame != PHYSICS_FRAME:
         sampling_layers(stack)  # refuses a stack without active layers before any work
     generator = torch.Generator(device=device).manual_seed(int(seed))
     energy = torch.as_tensor(energy_np, dtype=torch.float64, device=device)
@@ -212,26 +214,35 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
     first_spot = np.cumsum(n_spots) - n_spots
     chunk = first_spot // CHUNK_SPOTS  # a chunk may overrun by its last shower's spots
     bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(n_spots)]
-    pts, cnts = [], []
+    made = {f: ([], []) for f in FRAMES}
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
         p, c = _physics_spots(energy[a:b], code, medium, generator, spot_scale, max_radius_rm)
-        if frame == DETECTOR_FRAME:
+        if frame != DETECTOR_FRAME:
+            made[PHYSICS_FRAME][0].append(p.to(torch.float32))
+            made[PHYSICS_FRAME][1].append(c)
+        if frame != PHYSICS_FRAME:
             p, c = _to_detector(p, c, energy[a:b], theta_t[a:b], phi_t[a:b], stack, medium,
                                 generator, crossing_rms)
-        pts.append(p.to(torch.float32))
-        cnts.append(c)
+            made[DETECTOR_FRAME][0].append(p.to(torch.float32))
+            made[DETECTOR_FRAME][1].append(c)
         if progress is not None:
             progress.update(b - a)
-    points = torch.cat(pts) if pts else torch.zeros((0, 4))
-    counts = torch.cat(cnts) if cnts else torch.zeros(0, dtype=torch.int64)
     metadata = {"generator": "pcshower-parametrised-gflash", "seed": int(seed),
                 "engine": "parametrised", "stack": stack.name,
                 "medium": {"Z": medium.Z, "x0_mm": medium.x0_mm, "rm_mm": medium.rm_mm,
                            "ec_mev": medium.ec_mev},
                 "spot_scale": spot_scale, "max_radius_rm": max_radius_rm}
-    if frame == DETECTOR_FRAME:
-        metadata["crossing_rms"] = crossing_rms
-    return Showers.from_counts(points, counts, energy=energy.cpu(), theta=theta_t.cpu(),
-                               phi=phi_t.cpu(), particle=code, frame=frame, metadata=metadata)
+
+    def showers(f):
+        pts, cnts = made[f]
+        meta = dict(metadata, crossing_rms=crossing_rms) if f == DETECTOR_FRAME else dict(metadata)
+        return Showers.from_counts(torch.cat(pts) if pts else torch.zeros((0, 4)),
+                                   torch.cat(cnts) if cnts else torch.zeros(0, dtype=torch.int64),
+                                   energy=energy.cpu(), theta=theta_t.cpu(), phi=phi_t.cpu(),
+                                   particle=code, frame=f, metadata=meta)
+
+    if frame == BOTH_FRAMES:
+        return {f: showers(f) for f in FRAMES}
+    return showers(frame)

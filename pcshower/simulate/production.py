@@ -27,7 +27,7 @@ from pcshower.physics.stack import Slab, Stack
 from pcshower.simulate.api import (finish, get_engine, local_angles, resolve_stack,
                                    validate_conditions)
 from pcshower.simulate.reduce import GRID_PRESETS, PolarGrid, grid_for, reduce_points
-from pcshower.units import FRAMES, deg_to_rad, parse_range, particle_code
+from pcshower.units import BOTH_FRAMES, FRAMES, deg_to_rad, parse_range, particle_code
 
 __all__ = ["produce", "RunConfig", "parse_range", "parse_stack_spec", "shard_conditions"]
 
@@ -149,9 +149,15 @@ def _validate(cfg: RunConfig):
         raise ValueError(f"energies must be positive (GeV), got the range {lo:g}:{hi:g}")
     if cfg.spectrum not in ("uniform", "log"):
         raise ValueError(f"energy spectrum must be 'uniform' or 'log', got {cfg.spectrum!r}")
-    if cfg.frame not in FRAMES:
-        raise ValueError(f"frame must be one of {FRAMES}, got {cfg.frame!r}")
-    if cfg.reduce:
+    if cfg.frame not in (*FRAMES, BOTH_FRAMES):
+        raise ValueError(f"frame must be one of {FRAMES} or {BOTH_FRAMES!r}, got {cfg.frame!r}")
+    if cfg.reduce and cfg.frame == BOTH_FRAMES:
+        if cfg.grid is not None and not isinstance(cfg.grid, str):
+            raise ValueError("--frame both needs a grid preset (fine, medium, coarse) or the "
+                             "default: one DX,DY,DZ cannot be in both frames' units")
+        for f in FRAMES:
+            grid_for(f, cfg.grid)
+    elif cfg.reduce:
         grid_for(cfg.frame, _grid_from_json(cfg.grid))
     get_engine(cfg.engine)  # a clear error now if the engine cannot be loaded
 
@@ -160,7 +166,7 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
             stack="ild", frame: str = "physics", seed: int = 0, shard_size: int = 10_000,
             spectrum: str = "uniform", engine: str = "parametrised", reduce: bool = True,
             grid=None, workers: int | None = None, progress: bool = True,
-            engine_options: dict | None = None) -> dict:
+            engine_options: dict | None = None, shards=None) -> dict:
     """Simulate ``n`` showers into sharded Parquet files under ``out_dir``.
 
     Args:
@@ -170,6 +176,10 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         stack: a geometry name, a :class:`Stack` or an inline spec such as
             ``"20x[W:2.1,Si:0.5:active]+10x[W:4.2,Si:0.5:active]"``.
         workers: processes (default: the machine's cores, at most the pending shards).
+        shards: ``(start, stop)`` or ``"start:stop"``: make only shards ``start .. stop-1`` of
+            the run (one job of a farm, or the first shards of a long production); the run
+            record is that of the whole run, so later calls with other ranges (or none) add
+            to the same data set. ``None``: every shard.
         Other arguments as in :func:`pcshower.simulate.simulate`.
 
     Returns:
@@ -190,8 +200,9 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
             raise ValueError(f"--{option} {shown} degrees: " + (
                 f"the polar angle must lie in [0, {top:g}] degrees" if top else "must be finite"))
     # draw and check every shard's conditions before anything touches the disk
+    first, stop = _shard_range(shards, cfg.num_shards)
     tasks = []
-    for i in range(cfg.num_shards):
+    for i in range(first, stop):
         energy_i, theta_i, phi_i = shard_conditions(cfg, i)
         theta_l, phi_l = local_angles(geometry, theta_i, phi_i)
         validate_conditions(energy_i, theta_l, phi_l, cfg.particle)
@@ -206,9 +217,9 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
     if geometry is not None:
         manifest["geometry"] = name
     _check_or_write_manifest(out, manifest)
-    from pcshower.io import shard_name
-    pending = [t for t in tasks if not _shard_complete(out / shard_name(t[0]),
-                                                       np.diff(cfg.shard_bounds(t[0]))[0])]
+    pending = [t for t in tasks if not all(
+        _shard_complete(path, np.diff(cfg.shard_bounds(t[0]))[0])
+        for path in shard_paths(out, cfg, t[0]))]
     done_before = len(tasks) - len(pending)
     jobs = [(cfg, layered, name if geometry is not None else None, geometry is None
              or not hasattr(geometry, "local_direction"), str(out), *t) for t in pending]
@@ -239,10 +250,39 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
     made = sum(cfg.shard_bounds(j[5])[1] - cfg.shard_bounds(j[5])[0] for j in jobs)
     summary = {"directory": str(out), "shards": cfg.num_shards, "written": len(jobs),
                "already_done": done_before, "showers": cfg.n}
+    if (first, stop) != (0, cfg.num_shards):
+        summary["range"] = (first, stop)
     if made:
         summary["points_per_shower_before"] = float(points[0]) / made
         summary["points_per_shower_after"] = float(points[1]) / made
     return summary
+
+
+def shard_paths(out, cfg: RunConfig, i: int) -> list[Path]:
+    """The files of shard ``i``: ``out/shard-i.parquet``, or with ``frame="both"`` one in each
+    of ``out/physics/`` and ``out/detector/`` (each folder reads as one Parquet data set)."""
+    from pcshower.io import shard_name
+
+    if cfg.frame == BOTH_FRAMES:
+        return [Path(out) / f / shard_name(i) for f in FRAMES]
+    return [Path(out) / shard_name(i)]
+
+
+def _shard_range(shards, num_shards: int) -> tuple[int, int]:
+    """``(start, stop)`` of the shards to make, checked against the run's ``num_shards``."""
+    if shards is None:
+        return 0, num_shards
+    text = shards if isinstance(shards, str) else ":".join(str(s) for s in shards)
+    parts = text.split(":")
+    try:
+        start, stop = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]),
+                                                                            int(parts[0]) + 1)
+    except ValueError:
+        start = stop = None
+    if start is None or len(parts) > 2 or not 0 <= start < stop <= num_shards:
+        raise ValueError(f"--shards {text}: give START:STOP with 0 <= START < STOP <= "
+                         f"{num_shards} (this run has {num_shards} shards), or one shard index")
+    return start, stop
 
 
 def _shard_complete(path: Path, rows: int) -> bool:
@@ -293,20 +333,27 @@ def _run_shard(job) -> int:
     cfg, stack, geometry_name, angles_local, out, i, energy, theta, phi, theta_l, phi_l = job
     import torch
 
-    from pcshower.io import shard_name, write_parquet
+    from pcshower.io import write_parquet
     torch.set_num_threads(1)
     seed = shard_seed(cfg, i)
     run = get_engine(cfg.engine, **cfg.engine_options)
-    showers = run(energy, theta_l, phi_l, cfg.particle, stack, seed, cfg.frame)
-    showers = finish(showers, energy, theta, phi, cfg.particle, geometry_name, angles_local)
-    before = showers.total_points
-    if cfg.reduce:
-        showers = reduce_points(showers, _grid_from_json(cfg.grid))
+    made = run(energy, theta_l, phi_l, cfg.particle, stack, seed, cfg.frame)
+    if cfg.frame != BOTH_FRAMES:
+        made = {cfg.frame: made}
     a, b = cfg.shard_bounds(i)
-    write_parquet(Path(out) / shard_name(i), showers,
-                  metadata={"seed": cfg.seed, "shard": i, "shard_seed": seed,
-                            "first_shower": a, "run": cfg.to_json()})
-    return b - a, before, showers.total_points
+    before = after = 0
+    frames = FRAMES if cfg.frame == BOTH_FRAMES else (cfg.frame,)  # shard_paths' order
+    for path, frame in zip(shard_paths(out, cfg, i), frames):
+        showers = finish(made[frame], energy, theta, phi, cfg.particle, geometry_name,
+                         angles_local)
+        before += showers.total_points
+        if cfg.reduce:
+            showers = reduce_points(showers, _grid_from_json(cfg.grid))
+        after += showers.total_points
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(path, showers, metadata={"seed": cfg.seed, "shard": i, "shard_seed": seed,
+                                               "first_shower": a, "run": cfg.to_json()})
+    return b - a, before, after
 
 
 # keep the preset table importable from here for the CLI's help text

@@ -27,7 +27,7 @@ import torch
 
 from pcshower.data.showers import Showers
 from pcshower.physics.stack import Stack
-from pcshower.units import DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code
+from pcshower.units import BOTH_FRAMES, DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code
 from pcshower.simulate.geant4.engine import EventRecord, get_engine
 
 __all__ = ["simulate_geant4", "run_geant4", "to_physics_frame", "shower_axis_basis"]
@@ -109,7 +109,9 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
             ``physics`` list and real data sets).
         stack: the layered stack; slabs' ``material.g4_name`` are Geant4 NIST names.
         seed: base seed; shower i is seeded from (seed, i), so results are identical for a seed.
-        frame: ``"detector"`` (mm, MeV, stack-local) or ``"physics"`` (X0, R_M, energy fraction).
+        frame: ``"detector"`` (mm, MeV, stack-local) or ``"physics"`` (X0, R_M, energy fraction),
+            or ``"both"``: a dict ``{"physics": Showers, "detector": Showers}`` of the same
+            Geant4 events (one transport, two recordings).
         transverse_mm: full transverse size of the slabs (scalar or (x, y)); the slabs are
             centred on the shower axis at mid-depth.
         cut_mm: Geant4 production cut.
@@ -119,8 +121,8 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
     ``metadata["generator"]`` is ``geant4-approximate-lowenergy`` when the approximate tables are
     in use (see :mod:`pcshower.simulate.geant4.datasets`), else ``geant4``.
     """
-    if frame not in FRAMES:
-        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if frame not in (*FRAMES, BOTH_FRAMES):
+        raise ValueError(f"frame must be one of {FRAMES} or {BOTH_FRAMES!r}, got {frame!r}")
     energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
     n = len(energy_gev)
     theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,)).copy()
@@ -128,8 +130,6 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
     code = particle_code(particle)
     rec = run_geant4(energy_gev, theta, phi, code, stack, seed, transverse_mm=transverse_mm,
                      cut_mm=cut_mm, physics=physics, progress=progress)
-    points = rec.points if frame == DETECTOR_FRAME else to_physics_frame(rec, energy_gev, theta,
-                                                                          phi, stack)
     engine = get_engine()
     import geant4_pybind as g4  # already imported by the engine
 
@@ -147,7 +147,16 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
         metadata["warning"] = ("Geant4 ran with approximate low-energy EM tables (no data sets "
                                "installed): sampling fraction and resolution carry a several-"
                                "percent systematic")
-    return Showers(points=torch.as_tensor(points, dtype=torch.float32),
-                   ptr=torch.as_tensor(rec.ptr, dtype=torch.int64), energy=energy_gev,
-                   theta=theta, phi=phi, particle=np.full(n, code),
-                   position=np.zeros((n, 3)), frame=frame, geometry=stack.name, metadata=metadata)
+
+    def showers(f):
+        points = rec.points if f == DETECTOR_FRAME else to_physics_frame(rec, energy_gev, theta,
+                                                                         phi, stack)
+        return Showers(points=torch.as_tensor(points, dtype=torch.float32),
+                       ptr=torch.as_tensor(rec.ptr, dtype=torch.int64), energy=energy_gev,
+                       theta=theta, phi=phi, particle=np.full(n, code),
+                       position=np.zeros((n, 3)), frame=f, geometry=stack.name,
+                       metadata=dict(metadata))
+
+    if frame == BOTH_FRAMES:
+        return {f: showers(f) for f in FRAMES}
+    return showers(frame)
