@@ -186,6 +186,18 @@ def test_frames_inclined_shower():
     rec = run_geant4([4.0, 4.0], theta, phi, 22, stack, seed=9)
     sums = np.add.reduceat(q[:, 3], phys.ptr[:-1].numpy())
     np.testing.assert_allclose(sums, rec.deposited_mev / 4000.0, rtol=1e-4)
+    # each layer's points carry the deposit of its sampling cell (active + passive in front)
+    from pcshower.physics.sampling import sampling_layers
+    from pcshower.simulate.geant4.api import _point_layer
+    cell = sampling_layers(stack).cell_of_slab
+    layer = _point_layer(det.points.double().numpy(), stack)
+    first = np.repeat([True, False], np.diff(phys.ptr.numpy()))
+    per_layer = np.bincount(layer[first], weights=q[first, 3] * 4000.0, minlength=30)
+    in_cell = np.array([rec.slab_edep_mev[0, cell == c].sum() for c in range(30)])
+    seen = rec.slab_edep_mev[0, stack.active_mask] > 0
+    ratio = per_layer[seen] / in_cell[seen]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)  # one common factor (the rest)
+    assert 1.0 <= ratio[0] < 1.05
     # one transport recorded in both frames gives each frame's showers
     both = simulate_geant4([4.0, 4.0], theta, phi, 22, stack, seed=9, frame="both")
     for frame, single in (("physics", phys), ("detector", det)):

@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed (shard i uses (seed, i))")
     p.add_argument("--shard-size", type=int, default=10_000, help="showers per shard")
     p.add_argument("--engine", choices=ENGINE_NAMES, default="parametrised")
+    p.add_argument("--tune", default=None, metavar="auto|published|FILE",
+                   help="parametrised engine: its coefficients; auto (default): the stack's "
+                        "Geant4 tune where pcshower ships one, else the published GFlash ones; "
+                        "published; or a tune file from 'pcshower tune'")
     p.add_argument("--grid", default=None,
                    help="point-reduction grid: fine, medium, coarse or 'DX,DY,DZ' in the frame's "
                         "units (DZ may be 'layer' in the detector frame); default medium (physics) "
@@ -51,6 +55,31 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
+
+    t = subparsers.add_parser(
+        "tune", help="fit the parametrised engine to Geant4 showers of one stack",
+        description="Fit the GFlash coefficients of the parametrised engine (longitudinal "
+                    "profile and its fluctuations, photon conversion depth, sampling fraction "
+                    "with its energy and angle terms, radial core and tail) to detector-frame "
+                    "Geant4 showers of one stack (pcshower simulate --engine geant4 --frame "
+                    "detector or both), and write them as a tune file.",
+        epilog="example:\n  pcshower tune ~/pcshower-data/g4_ild_photons_train --out ild.yaml\n"
+               "Use the file with 'pcshower simulate --tune ild.yaml'; pcshower ships tunes for "
+               "its stacks in pcshower/geometries/tunes/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("data", help="a Geant4 production in the detector frame (or made with "
+                                "--frame both: its detector/ is read)")
+    t.add_argument("--out", required=True, help="tune file to write (YAML)")
+    t.add_argument("--stack", default=None,
+                   help="geometry name (default: the one the production records)")
+    t.add_argument("--max-showers", type=int, default=None,
+                   help="use at most this many showers (the first shards)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the model showers of the fit")
+    t.add_argument("--steps", default="400,100", metavar="LONG,RADIAL",
+                   help="optimiser steps of the longitudinal and the radial fit (400,100)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_tune)
 
 
 def _parse_grid(text):
@@ -71,16 +100,79 @@ def _run(args) -> int:
     from pcshower.simulate.production import produce
 
     check_output(args.out, directory=True)
+    options = {}
+    if args.tune is not None:
+        if args.engine != "parametrised":
+            raise ValueError("--tune sets the parametrised engine's coefficients; drop it for "
+                             f"--engine {args.engine}")
+        options["tune"] = args.tune
     summary = produce(args.out, n=args.n, energy=args.energy, theta=args.theta, phi=args.phi,
                       particle=args.particle, stack=args.stack, frame=args.frame, seed=args.seed,
                       shard_size=args.shard_size, spectrum=args.spectrum, engine=args.engine,
                       reduce=not args.no_reduce, grid=_parse_grid(args.grid),
                       workers=args.workers, progress=not args.no_progress,
-                      shards=args.shards)
+                      shards=args.shards, engine_options=options)
     print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
           f"({summary['written']} written now, {summary['already_done']} already done"
           + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
     if "points_per_shower_before" in summary:
         print(f"points per shower: {summary['points_per_shower_before']:.0f} simulated, "
               f"{summary['points_per_shower_after']:.0f} after reduction")
+    return 0
+
+
+def _tune(args) -> int:
+    import json
+    from pathlib import Path
+
+    from pcshower.io import read_metadata, read_parquet
+    from pcshower.io._atomic import check_output
+    from pcshower.simulate.api import resolve_stack
+    from pcshower.simulate.production import MANIFEST
+    from pcshower.simulate.tuning import fit_tune, write_tune
+
+    check_output(args.out, overwrite=args.overwrite)
+    data = Path(args.data)
+    det_dir = data / "detector" if (data / "detector").is_dir() else data
+    run = {}
+    if (data / MANIFEST).is_file():
+        run = json.loads((data / MANIFEST).read_text()).get("pcshower_run", {})
+    stack_name = args.stack or run.get("stack")
+    if not stack_name:
+        raise ValueError(f"{data} records no stack: give --stack NAME")
+    stack, geometry, name = resolve_stack(stack_name)
+    limit = args.max_showers
+    if limit is not None and limit < 10:
+        raise ValueError(f"--max-showers must be at least 10, got {limit}")
+    det = read_parquet(det_dir)
+    if det.frame != "detector":
+        raise ValueError(f"{det_dir} holds {det.frame}-frame showers; a tune is fitted to the "
+                         "detector frame (simulate with --frame detector or --frame both)")
+    if limit is not None:
+        det = det[:limit]
+    meta = read_metadata(det_dir)["provenance"]
+    if meta.get("engine") != "geant4":
+        raise ValueError(f"{data} was made by the {meta.get('engine')!r} engine; tunes are "
+                         "fitted to Geant4 showers")
+    try:
+        steps = tuple(int(x) for x in str(args.steps).split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) != 2 or min(steps) < 1:
+        raise ValueError(f"--steps {args.steps}: give two positive integers LONG,RADIAL")
+    par, stats = fit_tune(det, stack, geometry, seed=args.seed, steps=steps,
+                          progress=not args.no_progress)
+    e, th = det.energy.double(), det.theta.double()
+    provenance = {k: meta.get(k) for k in ("engine", "generator", "geant4_version",
+                                           "geant4_physics", "geant4_tables",
+                                           "production_cut_mm") if k in meta}
+    provenance.update(stack=name, showers=len(det), data=data.name,
+                      run_seed=run.get("seed"), energy_gev=[float(e.min()), float(e.max())],
+                      theta_deg=[float(th.min().rad2deg()), float(th.max().rad2deg())],
+                      angles=meta.get("angles"))
+    write_tune(args.out, par, stack, provenance, stats)
+    lng, rad = stats["longitudinal"], stats["radial"]
+    print(f"{args.out}: tune of {name} from {len(det)} Geant4 showers; longitudinal chi2/term "
+          f"{lng['chi2_per_term_published']:.3g} (published) -> {lng['chi2_per_term']:.3g}, "
+          f"radial chi2 {rad['chi2_published']:.3g} -> {rad['chi2']:.3g}")
     return 0

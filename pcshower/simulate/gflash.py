@@ -43,7 +43,8 @@ import torch
 
 from pcshower.physics.sampling import sample_gamma
 
-__all__ = ["ShowerParameters", "longitudinal_parameters", "sample_shower_parameters",
+__all__ = ["Parametrisation", "PUBLISHED", "ShowerParameters", "longitudinal_parameters",
+           "shower_parameters", "sample_shower_parameters",
            "spot_count", "radial_parameters", "tau_scale", "sample_depths",
            "mean_containment", "gamma_log_pdf", "mean_profile",
            "PAIR_LENGTH_X0"]
@@ -51,15 +52,48 @@ __all__ = ["ShowerParameters", "longitudinal_parameters", "sample_shower_paramet
 #: Mean free path of a high-energy photon for pair production, in X0 (PDG: 9/7 X0).
 PAIR_LENGTH_X0 = 9.0 / 7.0
 
-# G&P homogeneous-medium constants (names after Geant4's GVFlashHomoShowerTuning)
-_T1 = -0.812
-_A1, _A2, _A3 = 0.81, 0.458, 2.26
-_SIG_T = (-1.4, 1.26)
-_SIG_A = (-0.58, 0.86)
-_RHO = (0.705, -0.023)
-_RC = (0.0251, 0.00319, 0.1162, -0.000381)
-_RT = (0.659, -0.00309, 0.645, -2.59, 0.3585, 0.0412)
-_WC = (2.632, -0.00094, 0.401, 0.00187, 1.313, -0.0686)
+
+
+@dataclass(frozen=True)
+class Parametrisation:
+    """The coefficients of the parametrisation, in the layout of the formulas above.
+
+    :data:`PUBLISHED` holds Grindhammer & Peters' homogeneous-medium values (with their Z
+    dependence). A fit to one stack's Geant4 showers (:mod:`pcshower.simulate.tuning`) keeps the
+    same formulas and puts its numbers here with the Z slopes at zero (the stack's Z is fixed).
+    Coefficients may be torch tensors (the fit differentiates through the same functions).
+
+    Fields: ``t_max = (c0, c1)``: ``<ln T> = ln(c0 + c1 ln y)``; ``alpha = (a0, a1, a2)``:
+    ``<ln alpha> = ln(a0 + (a1 + a2 / Z) ln y)``; ``sigma_t``, ``sigma_alpha = (s0, s1)``:
+    ``sigma = 1 / (s0 + s1 ln y)``; ``rho = (r0, r1)``: ``rho = r0 + r1 ln y``; ``r_core``,
+    ``r_tail``, ``p_core``: the radial constants in the order of the formulas (Z slopes second
+    in each pair); ``pair_length_x0``: mean depth of a photon's conversion; ``sampling =
+    (s0, s_e, s_theta)``: the detector frame's visible energy is the stack's sampling fraction
+    times ``s0 (1 + s_e ln(E / 50 GeV)) (1 + s_theta (1 / cos(theta) - 1))`` (all 1, 0, 0 in the
+    published set: the e/mip model of :mod:`pcshower.physics.sampling` alone).
+    """
+
+    t_max: tuple = (-0.812, 1.0)
+    alpha: tuple = (0.81, 0.458, 2.26)
+    sigma_t: tuple = (-1.4, 1.26)
+    sigma_alpha: tuple = (-0.58, 0.86)
+    rho: tuple = (0.705, -0.023)
+    r_core: tuple = (0.0251, 0.00319, 0.1162, -0.000381)
+    r_tail: tuple = (0.659, -0.00309, 0.645, -2.59, 0.3585, 0.0412)
+    p_core: tuple = (2.632, -0.00094, 0.401, 0.00187, 1.313, -0.0686)
+    pair_length_x0: float = PAIR_LENGTH_X0
+    sampling: tuple = (1.0, 0.0, 0.0)
+    name: str = "published"
+
+    def sampling_scale(self, energy_gev, theta):
+        """The multiplier of the stack's sampling fraction for showers ``(E [GeV], theta [rad])``."""
+        s0, s_e, s_t = self.sampling
+        return (s0 * (1.0 + s_e * torch.log(energy_gev / 50.0))
+                * (1.0 + s_t * (1.0 / torch.cos(theta) - 1.0)))
+
+
+#: Grindhammer & Peters' coefficients (as Geant4's GVFlashHomoShowerTuning uses them).
+PUBLISHED = Parametrisation()
 _SPOT_N = (93.0, 0.876)
 _SPOT_T = (0.698, 0.00212)
 _SPOT_A = (0.639, 0.00334)
@@ -87,23 +121,24 @@ class ShowerParameters:
         return (self.alpha_spot - 1.0) / self.T_spot
 
 
-def longitudinal_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float):
+def longitudinal_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float,
+                            par: Parametrisation = PUBLISHED):
     """Means, widths and correlation of ``(ln T, ln alpha)`` (G&P eqs. 11-13), each ``[B]``."""
     ln_y = torch.log(energy_gev.to(torch.float64) * 1000.0 / ec_mev)
-    mu_t = torch.log((ln_y + _T1).clamp_min(0.1))
-    mu_a = torch.log((_A1 + (_A2 + _A3 / Z) * ln_y).clamp_min(0.1))
-    sig_t = (1.0 / (_SIG_T[0] + _SIG_T[1] * ln_y)).clamp(0.0, 0.5)
-    sig_a = (1.0 / (_SIG_A[0] + _SIG_A[1] * ln_y)).clamp(0.0, 0.5)
-    rho = (_RHO[0] + _RHO[1] * ln_y).clamp(-1.0, 1.0)
+    mu_t = torch.log((par.t_max[0] + par.t_max[1] * ln_y).clamp_min(0.1))
+    a0, a1, a2 = par.alpha
+    mu_a = torch.log((a0 + (a1 + a2 / Z) * ln_y).clamp_min(0.1))
+    sig_t = (1.0 / (par.sigma_t[0] + par.sigma_t[1] * ln_y)).clamp(0.0, 0.5)
+    sig_a = (1.0 / (par.sigma_alpha[0] + par.sigma_alpha[1] * ln_y)).clamp(0.0, 0.5)
+    rho = (par.rho[0] + par.rho[1] * ln_y).clamp(-1.0, 1.0)
     return mu_t, mu_a, sig_t, sig_a, rho
 
 
-def sample_shower_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float,
-                             generator: torch.Generator | None = None) -> ShowerParameters:
-    """Draw ``T`` and ``alpha`` of each shower with their correlation, and its spot profile."""
-    mu_t, mu_a, sig_t, sig_a, rho = longitudinal_parameters(energy_gev, Z, ec_mev)
-    z = torch.randn((2, energy_gev.numel()), dtype=torch.float64, device=energy_gev.device,
-                    generator=generator)
+def shower_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float, z: torch.Tensor,
+                      par: Parametrisation = PUBLISHED) -> ShowerParameters:
+    """``T`` and ``alpha`` of each shower from two standard normals ``z [2, B]``, correlated
+    as the parametrisation says, and its spot profile."""
+    mu_t, mu_a, sig_t, sig_a, rho = longitudinal_parameters(energy_gev, Z, ec_mev, par)
     c1, c2 = torch.sqrt((1.0 + rho) / 2.0), torch.sqrt((1.0 - rho) / 2.0)
     T = torch.exp(mu_t + sig_t * (c1 * z[0] + c2 * z[1]))
     alpha = torch.exp(mu_a + sig_a * (c1 * z[0] - c2 * z[1])).clamp_min(_ALPHA_MIN)
@@ -111,6 +146,15 @@ def sample_shower_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float,
     alpha_spot = (alpha * (_SPOT_A[0] + _SPOT_A[1] * Z)).clamp_min(_SPOT_ALPHA_MIN)
     return ShowerParameters(T=T, alpha=alpha, mean_alpha=torch.exp(mu_a), T_spot=T_spot,
                             alpha_spot=alpha_spot)
+
+
+def sample_shower_parameters(energy_gev: torch.Tensor, Z: float, ec_mev: float,
+                             generator: torch.Generator | None = None,
+                             par: Parametrisation = PUBLISHED) -> ShowerParameters:
+    """Draw ``T`` and ``alpha`` of each shower with their correlation, and its spot profile."""
+    z = torch.randn((2, energy_gev.numel()), dtype=torch.float64, device=energy_gev.device,
+                    generator=generator)
+    return shower_parameters(energy_gev, Z, ec_mev, z, par)
 
 
 def spot_count(energy_gev: torch.Tensor, Z: float, scale: float = 1.0) -> torch.Tensor:
@@ -127,22 +171,23 @@ def gamma_log_pdf(t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> t
 
 
 def radial_parameters(tau: torch.Tensor, energy_gev: torch.Tensor, Z: float,
-                      seg: torch.Tensor | None = None):
+                      seg: torch.Tensor | None = None, par: Parametrisation = PUBLISHED):
     """Core radius, tail radius (R_M) and core weight at shower depth ``tau`` (G&P eqs. 18-23).
 
     ``energy_gev`` is per shower and ``seg`` maps each ``tau`` to its shower (``None``: one
     energy per ``tau``); the energy-dependent constants are computed once per shower.
     """
+    rc, rt, wc = par.r_core, par.r_tail, par.p_core
     ln_e = torch.log(energy_gev.to(torch.float64))
-    z1 = (_RC[0] + _RC[1] * ln_e).to(tau.dtype)
-    k4 = (_RT[4] + _RT[5] * ln_e).to(tau.dtype)
-    p3 = (_WC[4] + _WC[5] * ln_e).to(tau.dtype)
+    z1 = (rc[0] + rc[1] * ln_e).to(tau.dtype)
+    k4 = (rt[4] + rt[5] * ln_e).to(tau.dtype)
+    p3 = (wc[4] + wc[5] * ln_e).to(tau.dtype)
     if seg is not None:
         z1, k4, p3 = (a.index_select(0, seg) for a in (z1, k4, p3))
-    r_core = z1 + (_RC[2] + _RC[3] * Z) * tau
-    k1, k2, k3 = _RT[0] + _RT[1] * Z, _RT[2], _RT[3]
+    r_core = z1 + (rc[2] + rc[3] * Z) * tau
+    k1, k2, k3 = rt[0] + rt[1] * Z, rt[2], rt[3]
     r_tail = k1 * (torch.exp(k3 * (tau - k2)) + torch.exp(k4 * (tau - k2)))
-    p1, p2 = _WC[0] + _WC[1] * Z, _WC[2] + _WC[3] * Z
+    p1, p2 = wc[0] + wc[1] * Z, wc[2] + wc[3] * Z
     arg = (p2 - tau) / p3
     p_core = (p1 * torch.exp(arg - torch.exp(arg))).clamp(0.0, 1.0)
     return r_core.clamp_min(1e-4), r_tail.clamp_min(1e-4), p_core
@@ -160,7 +205,8 @@ def tau_scale(params: "ShowerParameters") -> torch.Tensor:
 
 
 def mean_profile(edges_x0: torch.Tensor, energy_gev: float, Z: float, ec_mev: float, *,
-                 photon: bool = False, samples: int = 20000, seed: int = 0) -> torch.Tensor:
+                 photon: bool = False, samples: int = 20000, seed: int = 0,
+                 par: Parametrisation = PUBLISHED) -> torch.Tensor:
     """Mean fraction of the energy in each depth bin, averaged over the (T, alpha) distribution.
 
     The reference the simulator is tested against: the Gamma CDF integrated over each bin for
@@ -168,9 +214,9 @@ def mean_profile(edges_x0: torch.Tensor, energy_gev: float, Z: float, ec_mev: fl
     """
     g = torch.Generator().manual_seed(seed)
     e = torch.full((samples,), float(energy_gev), dtype=torch.float64)
-    p = sample_shower_parameters(e, Z, ec_mev, g)
+    p = sample_shower_parameters(e, Z, ec_mev, g, par)
     shift = (torch.empty(samples, dtype=torch.float64).exponential_(1.0, generator=g)
-             * PAIR_LENGTH_X0) if photon else torch.zeros(samples, dtype=torch.float64)
+             * par.pair_length_x0) if photon else torch.zeros(samples, dtype=torch.float64)
     x = ((edges_x0.to(torch.float64)[None, :] - shift[:, None]).clamp_min(0.0)
          * p.beta[:, None])
     cdf = torch.special.gammainc(p.alpha[:, None].expand_as(x), x)
@@ -179,17 +225,17 @@ def mean_profile(edges_x0: torch.Tensor, energy_gev: float, Z: float, ec_mev: fl
 
 def mean_containment(radius_rm: float, energy_gev: float, Z: float, ec_mev: float, *,
                      max_radius_rm: float | None = None, samples: int = 1000,
-                     seed: int = 0) -> float:
+                     seed: int = 0, par: Parametrisation = PUBLISHED) -> float:
     """Mean fraction of the energy within ``radius_rm`` Moliere radii of the axis, predicted by the
     parametrisation: the radial CDF ``F(r) = r^2 / (r^2 + R^2)`` of core and tail (divided by
     ``F(max_radius_rm)`` for a cut profile), weighted by each shower's longitudinal profile and
     averaged over ``samples`` draws of (T, alpha)."""
     g = torch.Generator().manual_seed(seed)
     e = torch.full((samples, 1), float(energy_gev), dtype=torch.float64)
-    p = sample_shower_parameters(e.flatten(), Z, ec_mev, g)
+    p = sample_shower_parameters(e.flatten(), Z, ec_mev, g, par)
     t = torch.linspace(0.01, 60.0, 1500, dtype=torch.float64)[None, :]
     density = torch.exp(gamma_log_pdf(t, p.alpha[:, None], p.beta[:, None]))
-    r_core, r_tail, p_core = radial_parameters(t * tau_scale(p)[:, None], e, Z)
+    r_core, r_tail, p_core = radial_parameters(t * tau_scale(p)[:, None], e, Z, par=par)
     r2 = float(radius_rm) ** 2
     def cdf(r_sq, scale):
         f = r_sq / (r_sq + scale ** 2)

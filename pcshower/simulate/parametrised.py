@@ -99,17 +99,17 @@ def _segment_softmax(log_w: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torc
 
 
 def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scale: float,
-                   max_radius_rm: float | None = None):
+                   max_radius_rm: float | None = None, par=gflash.PUBLISHED):
     """Spots of a chunk of showers in the physics frame: ``(points [P, 4] f32, counts [B])``."""
     Z = float(medium.Z)
-    params = gflash.sample_shower_parameters(energy, Z, medium.ec_mev, generator)
+    params = gflash.sample_shower_parameters(energy, Z, medium.ec_mev, generator, par)
     counts = gflash.spot_count(energy, Z, spot_scale)
     n_showers = energy.numel()
     seg = torch.repeat_interleave(torch.arange(n_showers, device=energy.device), counts)
     t, log_w = gflash.sample_depths(params, seg, generator)
     frac = _segment_softmax(log_w, seg, n_showers)
     tau = t * gflash.tau_scale(params).to(t.dtype).index_select(0, seg)
-    r_core, r_tail, p_core = gflash.radial_parameters(tau, energy, Z, seg)
+    r_core, r_tail, p_core = gflash.radial_parameters(tau, energy, Z, seg, par)
     u = torch.rand((3, t.numel()), dtype=t.dtype, device=t.device, generator=generator)
     radius_scale = torch.where(u[0] < p_core, r_core, r_tail)
     # inverse CDF of 2 r R^2 / (r^2 + R^2)^2, F(r) = r^2 / (r^2 + R^2): r = R sqrt(u / (1 - u)),
@@ -121,7 +121,7 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
     ang = (2.0 * math.pi) * u[2]
     if code == 22:  # photons convert after an exponential depth of mean 9/7 X0
         start = torch.empty(n_showers, dtype=torch.float64, device=t.device).exponential_(
-            1.0, generator=generator) * gflash.PAIR_LENGTH_X0
+            1.0, generator=generator) * par.pair_length_x0
         t = t + start.to(t.dtype).index_select(0, seg)
     points = torch.stack([r * torch.cos(ang), r * torch.sin(ang), t, frac], dim=1)
     return points, counts
@@ -129,7 +129,7 @@ def _physics_spots(energy: torch.Tensor, code: int, medium, generator, spot_scal
 
 def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tensor,
                  theta: torch.Tensor, phi: torch.Tensor, stack: Stack, medium, generator,
-                 crossing_rms: float):
+                 crossing_rms: float, par=gflash.PUBLISHED):
     """Place physics-frame spots in the stack and keep the visible energy of active layers.
 
     Shower direction ``d = (sin t cos p, sin t sin p, cos t)`` and transverse axes
@@ -146,7 +146,9 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
     xt = points[:, 0] * medium.rm_mm
     yt = points[:, 1] * medium.rm_mm
     z = z_axis - xt * st
-    e_mev = points[:, 3] * (energy.to(dt) * 1000.0).index_select(0, seg)
+    # the tune's scale of the sampling fraction (1 for the published coefficients)
+    e_mev = points[:, 3] * (energy * 1000.0 * par.sampling_scale(energy, theta)).to(dt).index_select(
+        0, seg)
     layer, visible = to_active_layers(z, e_mev, seg, stack, generator=generator,
                                       crossing_rms=crossing_rms)
     z_mid = torch.as_tensor(sampling_layers(stack).active_center_mm, dtype=dt,
@@ -165,7 +167,7 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
 def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: int,
                           frame: str = PHYSICS_FRAME, *, spot_scale: float = 1.0,
                           max_radius_rm: float | None = MAX_RADIUS_RM,
-                          crossing_rms: float = DEFAULT_CROSSING_RMS,
+                          crossing_rms: float = DEFAULT_CROSSING_RMS, tune="auto",
                           device: str | torch.device = "cpu", progress=None) -> Showers:
     """Simulate EM showers with the GFlash parametrisation; the ``parametrised`` engine.
 
@@ -185,6 +187,10 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
             it; ``None`` keeps the full r^-3 tail of the ansatz (see :data:`MAX_RADIUS_RM`).
         crossing_rms: ``kappa`` of the sampling fluctuations (detector frame only), see
             :mod:`pcshower.physics.sampling`.
+        tune: the coefficients: ``"auto"`` (the stack's Geant4 tune where pcshower ships one,
+            else the published ones with a notice), ``"published"`` (Grindhammer & Peters), a
+            tune file or a :class:`~pcshower.simulate.gflash.Parametrisation`; see
+            :mod:`pcshower.simulate.tuning`.
         device: torch device to simulate on.
         progress: optional object with ``update(n_showers)`` (a tqdm bar).
 
@@ -202,6 +208,9 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         raise ValueError(f"max_radius_rm must be a positive number of R_M or None, got "
                          f"{max_radius_rm!r}")
     energy_np, theta_np, phi_np, code = _check_inputs(energy_gev, theta, phi, particle)
+    from pcshower.simulate.tuning import parametrisation_for
+
+    par = parametrisation_for(stack, tune)
     medium = stack.effective_medium()
     if frame != PHYSICS_FRAME:
         sampling_layers(stack)  # refuses a stack without active layers before any work
@@ -218,13 +227,14 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
-        p, c = _physics_spots(energy[a:b], code, medium, generator, spot_scale, max_radius_rm)
+        p, c = _physics_spots(energy[a:b], code, medium, generator, spot_scale, max_radius_rm,
+                              par)
         if frame != DETECTOR_FRAME:
             made[PHYSICS_FRAME][0].append(p.to(torch.float32))
             made[PHYSICS_FRAME][1].append(c)
         if frame != PHYSICS_FRAME:
             p, c = _to_detector(p, c, energy[a:b], theta_t[a:b], phi_t[a:b], stack, medium,
-                                generator, crossing_rms)
+                                generator, crossing_rms, par)
             made[DETECTOR_FRAME][0].append(p.to(torch.float32))
             made[DETECTOR_FRAME][1].append(c)
         if progress is not None:
@@ -233,7 +243,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
                 "engine": "parametrised", "stack": stack.name,
                 "medium": {"Z": medium.Z, "x0_mm": medium.x0_mm, "rm_mm": medium.rm_mm,
                            "ec_mev": medium.ec_mev},
-                "spot_scale": spot_scale, "max_radius_rm": max_radius_rm}
+                "spot_scale": spot_scale, "max_radius_rm": max_radius_rm,
+                "parametrisation": par.name}
 
     def showers(f):
         pts, cnts = made[f]

@@ -11,10 +11,13 @@ stack normal, y' = z' × x'); the depth z' (mm along the axis) becomes the radia
 axis has crossed in the real slabs to that point, X0(z' cos θ) / cos θ with X0(·) the stack's
 piecewise-linear ``x0_edges`` (the inverse of the parametrised engine's placement; on average
 this is z'/X0_eff), and x', y' are divided by R_M,eff of ``stack.effective_medium()``
-(Grindhammer & Peters rules). Point energies are rescaled per
-shower by (energy deposited in ALL slabs) / (energy deposited in active slabs), so each shower's
-fractions sum to the energy it left in the stack (E - leakage) over E: the sampling fluctuation
-is divided out and the deposit of the passive layers is carried by the sampled active points.
+(Grindhammer & Peters rules). Each point's energy is rescaled by its shower's (energy deposited
+in the sampling cell of its layer: the active slab and the passive slabs in front of it) /
+(energy deposited in that active slab), so the points of a layer carry the whole deposit of
+their cell, and each shower's fractions sum to the energy it left in the stack (E - leakage)
+over E (:func:`physics_energy_scale`). Until 2026-12-03 one factor per shower was used, which
+under-weighted the layers behind thicker absorbers (ILD's last ten, by about 2x) and so the
+deep, wide part of every shower.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from pcshower.physics.stack import Stack
 from pcshower.units import BOTH_FRAMES, DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, particle_code
 from pcshower.simulate.geant4.engine import EventRecord, get_engine
 
-__all__ = ["simulate_geant4", "run_geant4", "to_physics_frame", "shower_axis_basis"]
+__all__ = ["simulate_geant4", "run_geant4", "to_physics_frame", "shower_axis_basis",
+           "physics_energy_scale"]
 
 
 def shower_axis_basis(theta, phi) -> np.ndarray:
@@ -48,6 +52,33 @@ def shower_axis_basis(theta, phi) -> np.ndarray:
     return np.stack([ex, ey, ez], -2)
 
 
+def _point_layer(points: np.ndarray, stack: Stack) -> np.ndarray:
+    """``[P]`` active layer of detector-frame points (each lies in an active slab)."""
+    slab = np.clip(np.searchsorted(stack.z_edges_mm, points[:, 2], side="right") - 1, 0,
+                   len(stack.slabs) - 1)
+    return np.maximum(stack.layer_of_slab[slab], 0)
+
+
+def physics_energy_scale(record: EventRecord, stack: Stack) -> np.ndarray:
+    """``[B, L]`` factor from a shower's visible energy in active layer ``l`` to the energy it
+    deposited in that layer's sampling cell (the active slab and the passive slabs in front of
+    it, :func:`pcshower.physics.sampling.sampling_layers`), times one per-shower factor that
+    carries the rest (cells whose active slab saw nothing, slabs behind the last active one), so
+    that a shower's physics-frame energy is all it deposited in the stack."""
+    from pcshower.physics.sampling import sampling_layers
+
+    cell = sampling_layers(stack).cell_of_slab
+    n, L = record.slab_edep_mev.shape[0], stack.num_layers
+    in_cell = np.zeros((n, L))
+    for c in range(L):
+        in_cell[:, c] = record.slab_edep_mev[:, cell == c].sum(axis=1)
+    active = record.slab_edep_mev[:, stack.active_mask]
+    scale = np.divide(in_cell, active, out=np.zeros_like(in_cell), where=active > 0)
+    carried = (scale * active).sum(axis=1)
+    rest = np.divide(record.deposited_mev, carried, out=np.zeros(n), where=carried > 0)
+    return scale * rest[:, None]
+
+
 def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) -> np.ndarray:
     """Points of ``record`` (detector frame) in the physics frame; see the module docstring."""
     pts = record.points
@@ -61,10 +92,8 @@ def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) 
     normal_depth = local[:, 2] * cos_t
     depth_x0 = np.interp(normal_depth, stack.z_edges_mm, stack.x0_edges,
                          left=0.0, right=stack.total_x0) / cos_t
-    active = np.zeros(n)
-    np.add.at(active, shower, pts[:, 3])
-    scale = np.divide(record.deposited_mev, active, out=np.zeros(n), where=active > 0)
-    e_frac = pts[:, 3] * scale[shower] / (np.asarray(energy_gev, dtype=np.float64)[shower] * 1000.0)
+    e_frac = pts[:, 3] * physics_energy_scale(record, stack)[shower, _point_layer(pts, stack)] / (
+        np.asarray(energy_gev, dtype=np.float64)[shower] * 1000.0)
     return np.stack([local[:, 0] / eff.rm_mm, local[:, 1] / eff.rm_mm, depth_x0, e_frac], axis=1)
 
 
@@ -141,6 +170,8 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
         "production_cut_mm": float(cut_mm),
         "seed": int(seed),
         "stack": stack.name,
+        # the physics frame's point energies carry their sampling cell's deposit (2026-12-03)
+        "physics_energy": "per-cell deposit",
     }
     if engine.data.approximate:
         metadata["geant4_tables"] = engine.data.get("tables", "")
