@@ -69,7 +69,7 @@ def _compare(engine: dict, g4: dict, layers: slice) -> dict:
                                  / np.array(g4["resolution_by_energy"])).tolist(),
             "hits_ratio": engine["hits"] / g4["hits"],
             "sigma_ratio": engine["sigma_t_mm"] / g4["sigma_t_mm"],
-            "mean_log10_cell_ratio": engine["mean_log10_cell_mev"] / g4["mean_log10_cell_mev"],
+            "mean_log10_cell_difference_dex": engine["mean_log10_cell_mev"] - g4["mean_log10_cell_mev"],
             "radial_ratio": (r_e / np.maximum(r_g, 1e-30)).tolist()}
 
 
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
                 print(f"{name} {label:9s}: worst layer {v['layer_ratio_worst_in_range']:.3f} "
                       f"(layers {v['layer_range'][0]}-{v['layer_range'][1]}), CoG "
                       f"{v['cog_ratio']:.4f}, E_vis {v['visible_ratio']:.4f}, hits "
-                      f"{v['hits_ratio']:.3f}, sigma {v['sigma_ratio']:.3f}, AUC "
+                      f"{v['hits_ratio']:.3f}, sigma {v['sigma_ratio']:.3f}, resolution "
+                      + "/".join(f"{x:.2f}" for x in v["resolution_ratio"]) + ", AUC "
                       f"{auc.get('auc', float('nan')):.3f} (floor {auc.get('floor_auc', float('nan')):.3f})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))

@@ -189,3 +189,15 @@ def test_tune_command_fits_geant4_showers_and_simulate_uses_the_file(tmp_path, c
     assert main(["simulate", "--stack", "ild", "--tune", str(tune), "--energy", "10", "--theta",
                  "90", "--n", "3", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     assert read_parquet(out).metadata["parametrisation"].startswith("geant4-tune:ild")
+
+
+def test_fluctuation_fit_recovers_kappa():
+    rng = np.random.default_rng(8)
+    e, th = rng.uniform(10, 30, 400), np.zeros(400)
+    truth = replace(_start(), crossing_rms=2.5)
+    det = simulate_parametrised(e, th, 0.0, 22, ILD, 21, "detector", tune=truth)
+    v = tuning.layer_energies(det.points.numpy(), det.ptr.numpy(), ILD)
+    kappa, stats = tuning.fit_crossing_rms((e, th, np.zeros(400), v), ILD, _start(),
+                                           max_showers=400, seed=5)
+    assert kappa == pytest.approx(2.5, abs=0.6)
+    assert min(stats["cost"]) < stats["cost"][tuning.KAPPA_GRID.index(1.0)]

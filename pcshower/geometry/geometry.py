@@ -11,7 +11,9 @@ fraction of the incident energy) follows DESIGN.md:
    (:func:`pcshower.physics.sampling.depth_x0_to_mm`), so thin and thick absorbers are crossed at
    the right depth;
 4. keep what the active layers see, with the sampling fraction and its fluctuations
-   (:func:`pcshower.physics.sampling.to_active_layers`);
+   (:func:`pcshower.physics.sampling.to_active_layers`), the fraction scaled by the stack's
+   Geant4-tuned sampling response and fluctuation ``kappa`` where pcshower ships a tune
+   (:func:`pcshower.simulate.tuning.sampling_scale`);
 5. sum per cell. Points outside the readout (beyond the stack, off the module or the bins, in a
    hole) are counted per shower in ``outside_points`` and their deposited energy (MeV, before
    sampling) in ``outside_energy``; nothing is dropped silently.
@@ -342,7 +344,18 @@ class Geometry:
         if physics:
             rot = rotation_to_local(frames.theta_local, frames.phi_local).reshape(n, 9)
             r = [expand(rot[:, k].contiguous()) for k in range(9)]
-            energy = energy * expand(showers.energy.double() * GEV_TO_MEV)
+            from pcshower.simulate.tuning import sampling_scale, shipped_tune
+
+            # the stack's Geant4-tuned sampling response, where it has a tune, scales what the
+            # layers see (the deposits stay unscaled: they are what outside_energy counts)
+            e_scale = showers.energy.double() * GEV_TO_MEV
+            response, kappa = None, {}
+            tune = shipped_tune(self.stack)
+            if tune is not None:
+                response = expand(sampling_scale(self.stack, showers.energy,
+                                                 frames.theta_local).to(dev))
+                kappa = {"crossing_rms": tune.crossing_rms}
+            energy = energy * expand(e_scale)
         impact_u = expand(frames.impact_uv[:, 0].contiguous())
         impact_v = expand(frames.impact_uv[:, 1].contiguous())
         slab = active = None
@@ -367,8 +380,10 @@ class Geometry:
             slab = None  # the sampling depth is no longer the depth along the shower's face normal
         if physics:
             # depths outside the stack fall in no sampling cell (layer -1)
-            active, visible = to_active_layers(depth, energy, batch, self.stack, fluctuate=fluctuate,
-                                               generator=generator, slab=slab)
+            seen = energy if response is None else energy * response
+            active, visible = to_active_layers(depth, seen, batch, self.stack,
+                                               fluctuate=fluctuate, generator=generator, slab=slab,
+                                               **kappa)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
         else:
             visible, layer = energy, self._layer_of_depth(depth)

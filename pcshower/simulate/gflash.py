@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pcshower.physics.sampling import sample_gamma
+from pcshower.physics.sampling import DEFAULT_CROSSING_RMS, sample_gamma
 
 __all__ = ["Parametrisation", "PUBLISHED", "ShowerParameters", "longitudinal_parameters",
            "shower_parameters", "sample_shower_parameters",
@@ -70,7 +70,9 @@ class Parametrisation:
     in each pair); ``pair_length_x0``: mean depth of a photon's conversion; ``sampling =
     (s0, s_e, s_theta)``: the detector frame's visible energy is the stack's sampling fraction
     times ``s0 (1 + s_e ln(E / 50 GeV)) (1 + s_theta (1 / cos(theta) - 1))`` (all 1, 0, 0 in the
-    published set: the e/mip model of :mod:`pcshower.physics.sampling` alone).
+    published set: the e/mip model of :mod:`pcshower.physics.sampling` alone);
+    ``crossing_rms``: ``kappa`` of the sampling fluctuations of that module (its default 1.0 in
+    the published set).
     """
 
     t_max: tuple = (-0.812, 1.0)
@@ -83,6 +85,7 @@ class Parametrisation:
     p_core: tuple = (2.632, -0.00094, 0.401, 0.00187, 1.313, -0.0686)
     pair_length_x0: float = PAIR_LENGTH_X0
     sampling: tuple = (1.0, 0.0, 0.0)
+    crossing_rms: float = DEFAULT_CROSSING_RMS
     name: str = "published"
 
     def sampling_scale(self, energy_gev, theta):

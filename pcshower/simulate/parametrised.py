@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pcshower.data import Showers
-from pcshower.physics.sampling import (DEFAULT_CROSSING_RMS, depth_x0_to_mm, sampling_layers,
+from pcshower.physics.sampling import (depth_x0_to_mm, sampling_layers,
                                        to_active_layers)
 from pcshower.physics.stack import Stack
 from pcshower.simulate import gflash
@@ -167,7 +167,7 @@ def _to_detector(points: torch.Tensor, counts: torch.Tensor, energy: torch.Tenso
 def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: int,
                           frame: str = PHYSICS_FRAME, *, spot_scale: float = 1.0,
                           max_radius_rm: float | None = MAX_RADIUS_RM,
-                          crossing_rms: float = DEFAULT_CROSSING_RMS, tune="auto",
+                          crossing_rms: float | None = None, tune="auto",
                           device: str | torch.device = "cpu", progress=None) -> Showers:
     """Simulate EM showers with the GFlash parametrisation; the ``parametrised`` engine.
 
@@ -186,7 +186,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
         max_radius_rm: the radial profile is cut at this radius (R_M) and renormalised inside
             it; ``None`` keeps the full r^-3 tail of the ansatz (see :data:`MAX_RADIUS_RM`).
         crossing_rms: ``kappa`` of the sampling fluctuations (detector frame only), see
-            :mod:`pcshower.physics.sampling`.
+            :mod:`pcshower.physics.sampling`; ``None``: the tune's (the module's default
+            1.0 for the published coefficients).
         tune: the coefficients: ``"auto"`` (the stack's Geant4 tune where pcshower ships one,
             else the published ones with a notice), ``"published"`` (Grindhammer & Peters), a
             tune file or a :class:`~pcshower.simulate.gflash.Parametrisation`; see
@@ -211,6 +212,8 @@ def simulate_parametrised(energy_gev, theta, phi, particle, stack: Stack, seed: 
     from pcshower.simulate.tuning import parametrisation_for
 
     par = parametrisation_for(stack, tune)
+    if crossing_rms is None:
+        crossing_rms = par.crossing_rms
     medium = stack.effective_medium()
     if frame != PHYSICS_FRAME:
         sampling_layers(stack)  # refuses a stack without active layers before any work

@@ -28,7 +28,11 @@ stack's layers saw: ``pcshower simulate --engine geant4 --frame detector`` or ``
    depth bin weighted by its share of the energy (the radii that hold the energy decide; the
    far tail, where the r^-3 ansatz cannot follow Geant4's faster fall-off, counts little).
 
-Both fits are deterministic: the same showers and seed give the same coefficients. Fits are
+3. **Sampling fluctuations**: ``kappa`` of :mod:`pcshower.physics.sampling`, chosen so that the
+   engine's energy resolution (sampling-weighted layer sum) matches Geant4's in three energy
+   bins (:func:`fit_crossing_rms`).
+
+The fits are deterministic: the same showers and seed give the same coefficients. Fits are
 stored as YAML beside the geometries (``pcshower/geometries/tunes/<stack>.yaml``) with their
 Geant4 provenance and fit statistics; :func:`parametrisation_for` picks the tune of a stack, or
 the published coefficients with a one-line notice where a stack has none.
@@ -36,6 +40,7 @@ the published coefficients with a one-line notice where a stack has none.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import asdict, replace
@@ -50,7 +55,7 @@ from pcshower.simulate import gflash
 from pcshower.simulate.gflash import PUBLISHED, Parametrisation
 from pcshower.simulate.parametrised import MAX_RADIUS_RM, _segment_softmax
 
-__all__ = ["parametrisation_for", "load_tune", "write_tune", "fit_tune", "TUNES_DIR",
+__all__ = ["parametrisation_for", "shipped_tune", "sampling_scale", "load_tune", "write_tune", "fit_tune", "TUNES_DIR",
            "TUNE_FORMAT", "TuneError", "layer_energies"]
 
 #: Version of the tune file layout.
@@ -61,7 +66,9 @@ DEPTH_STEP_X0 = 0.1
 _LONGITUDINAL = ("t_max", "alpha", "sigma_t", "sigma_alpha", "rho", "pair_length_x0", "sampling")
 _RADIAL = ("r_core", "r_tail", "p_core")
 _LENGTHS = {"t_max": 2, "alpha": 3, "sigma_t": 2, "sigma_alpha": 2, "rho": 2, "r_core": 4,
-            "r_tail": 6, "p_core": 6, "pair_length_x0": 1, "sampling": 3}
+            "r_tail": 6, "p_core": 6, "pair_length_x0": 1, "sampling": 3, "crossing_rms": 1}
+#: Coefficients that are one number (stored as one-element lists).
+_SCALARS = ("pair_length_x0", "crossing_rms")
 #: Provenance every tune must carry (it says which Geant4 it reproduces).
 REQUIRED_PROVENANCE = ("engine", "generator", "geant4_version", "geant4_physics", "stack",
                        "showers")
@@ -83,18 +90,21 @@ def _published_for(Z: float) -> dict:
             "r_core": [rc[0], rc[1], rc[2] + rc[3] * Z, 0.0],
             "r_tail": [rt[0] + rt[1] * Z, 0.0, rt[2], rt[3], rt[4], rt[5]],
             "p_core": [wc[0] + wc[1] * Z, 0.0, wc[2] + wc[3] * Z, 0.0, wc[4], wc[5]],
-            "pair_length_x0": [p.pair_length_x0], "sampling": list(p.sampling)}
+            "pair_length_x0": [p.pair_length_x0], "sampling": list(p.sampling),
+            "crossing_rms": [p.crossing_rms]}
 
 
 def _as_parametrisation(values: dict, name: str) -> Parametrisation:
-    fields = {k: tuple(float(x) for x in v) for k, v in values.items() if k != "pair_length_x0"}
-    return Parametrisation(**fields, pair_length_x0=float(values["pair_length_x0"][0]), name=name)
+    fields = {k: (float(v[0]) if k in _SCALARS else tuple(float(x) for x in v))
+              for k, v in values.items()}
+    return Parametrisation(**fields, name=name)
 
 
 def _values_of(par: Parametrisation) -> dict:
     d = asdict(par)
     d.pop("name")
-    d["pair_length_x0"] = [d["pair_length_x0"]]
+    for k in _SCALARS:
+        d[k] = [d[k]]
     return {k: [float(x) for x in v] for k, v in d.items()}
 
 
@@ -192,6 +202,34 @@ def json_safe(obj):
     return obj
 
 
+@functools.lru_cache(maxsize=64)
+def _shipped(stack: Stack) -> Parametrisation | None:
+    path = TUNES_DIR / f"{stack.name}.yaml"
+    if not path.is_file():
+        return None
+    par, record = load_tune(path)
+    try:
+        _check_stack(record, stack, path)
+    except TuneError:
+        return None  # a stack that shares the name but not the layers
+    return par
+
+
+def shipped_tune(stack: Stack) -> Parametrisation | None:
+    """The tune pcshower ships for ``stack`` (matched by name and layers), or None."""
+    return _shipped(stack)
+
+
+def sampling_scale(stack: Stack, energy_gev: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the stack's Geant4-tuned multiplier of its sampling fraction for showers
+    ``(E [GeV], theta_local [rad])``: what the geometry adapters apply when they turn
+    physics-frame deposits into visible energy (all ones for a stack without a tune)."""
+    par = _shipped(stack)
+    if par is None:
+        return torch.ones_like(energy_gev, dtype=torch.float64)
+    return par.sampling_scale(energy_gev.double(), theta.double())
+
+
 def parametrisation_for(stack: Stack, tune="auto") -> Parametrisation:
     """The coefficients the parametrised engine uses for ``stack``.
 
@@ -204,15 +242,9 @@ def parametrisation_for(stack: Stack, tune="auto") -> Parametrisation:
     if tune is None or tune == "published":
         return PUBLISHED
     if tune == "auto":
-        path = TUNES_DIR / f"{stack.name}.yaml"
-        if path.is_file():
-            par, record = load_tune(path)
-            try:
-                _check_stack(record, stack, path)
-            except TuneError:
-                pass  # a stack that shares the name but not the layers
-            else:
-                return par
+        par = _shipped(stack)
+        if par is not None:
+            return par
         if stack.name not in _noticed:
             _noticed.add(stack.name)
             print(f"pcshower: notice: no Geant4 tune for stack {stack.name!r}; the parametrised "
@@ -327,7 +359,7 @@ def _replace_values(par: Parametrisation, names, vec) -> Parametrisation:
     for key in names:
         n = _LENGTHS[key]
         chunk = vec[i:i + n]
-        out[key] = chunk[0] if key == "pair_length_x0" else tuple(chunk[j] for j in range(n))
+        out[key] = chunk[0] if key in _SCALARS else tuple(chunk[j] for j in range(n))
         i += n
     return replace(par, **out)
 
@@ -536,6 +568,50 @@ def fit_radial(physics, stack: Stack, start: Parametrisation, *, energy_bins: in
                  "spot_scale": spot_scale, "steps": steps}
 
 
+#: Trial values of the sampling-fluctuation ``kappa`` (see :mod:`pcshower.physics.sampling`).
+KAPPA_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+
+
+def _resolution(energy, v, weights, n_bins: int = 3) -> np.ndarray:
+    """Relative r.m.s. of the sampling-weighted layer sum over E in energy quantile bins."""
+    ratio = (v * weights[None, :]).sum(1) / energy
+    b = _bins(energy, n_bins)
+    return np.array([ratio[b == i].std(ddof=1) / ratio[b == i].mean() for i in range(n_bins)])
+
+
+def fit_crossing_rms(detector, stack: Stack, par: Parametrisation, *, particle: int = 22,
+                     max_showers: int = 1500, seed: int = 0) -> tuple[float, dict]:
+    """``kappa`` of the sampling fluctuations that gives the engine Geant4's energy resolution.
+
+    ``detector = (energy [n], theta_local [n], phi_local [n], layer energies [n, L])``. The
+    resolution is that of the sampling-weighted sum ``sum_l w_l E_l`` (``w_l``: the absorber X0
+    in front of layer ``l`` over that of layer 0, the ILD reconstruction's weights) over E, in
+    three energy bins; the engine simulates the first ``max_showers`` conditions at each
+    ``kappa`` of :data:`KAPPA_GRID` with one seed, and the minimum of the summed squared
+    relative differences is refined by a parabola through its neighbours."""
+    from pcshower.simulate.geant4.compare import layer_weights
+    from pcshower.simulate.parametrised import simulate_parametrised
+
+    energy, theta, phi, v = (np.asarray(a)[:max_showers] for a in detector)
+    w = layer_weights(stack)
+    target = _resolution(energy, v, w)
+    cost = []
+    for kappa in KAPPA_GRID:
+        sim = simulate_parametrised(energy, theta, phi, particle, stack, seed, "detector",
+                                    tune=par, crossing_rms=kappa)
+        mv = layer_energies(sim.points.numpy(), sim.ptr.numpy(), stack)
+        cost.append(float((((_resolution(energy, mv, w) / target) - 1.0) ** 2).sum()))
+    i = int(np.argmin(cost))
+    kappa = KAPPA_GRID[i]
+    if 0 < i < len(KAPPA_GRID) - 1:
+        x, y = np.array(KAPPA_GRID[i - 1:i + 2]), np.array(cost[i - 1:i + 2])
+        a, b, _ = np.polyfit(x, y, 2)
+        if a > 0:
+            kappa = float(np.clip(-b / (2 * a), x[0], x[2]))
+    return float(kappa), {"grid": list(KAPPA_GRID), "cost": cost,
+                          "geant4_resolution": target.tolist(), "showers": int(len(energy))}
+
+
 def _select(showers, keep: np.ndarray):
     """``(points, ptr)`` of the showers where ``keep`` is true (numpy)."""
     counts = np.diff(showers.ptr.numpy())
@@ -570,5 +646,9 @@ def fit_tune(detector_showers, stack: Stack, geometry=None, *, seed: int = 0,
                                  *_select(detector_showers, keep)),
                                 stack, par, seed=seed, steps=steps[1],
                                 progress="tune: radial" if progress else None)
-    return replace(par, name=f"geant4-tune:{stack.name}"), {
-        "seed": int(seed), "longitudinal": long_stats, "radial": rad_stats}
+    kappa, kappa_stats = fit_crossing_rms((det_energy[keep], theta[keep], phi[keep], v[keep]),
+                                          stack, par, particle=int(detector_showers.particle[0]),
+                                          seed=seed)
+    return replace(par, crossing_rms=kappa, name=f"geant4-tune:{stack.name}"), {
+        "seed": int(seed), "longitudinal": long_stats, "radial": rad_stats,
+        "crossing_rms": kappa_stats}
