@@ -135,12 +135,15 @@ def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
     assert torch.equal(ref.ptr, s.ptr) and torch.allclose(ref.points, s.points)
     assert torch.equal(ref.hits.cell_id, hits.cell_id) and torch.allclose(ref.hits.energy, hits.energy)
     h5 = tmp_path / "gen.h5"
+    # the default angle is the geometry's normal incidence (0 deg here): the showers hit the
+    # readout (the tiny model saw other angles: extrapolation)
     assert main(["generate", "--geometry", "calochallenge_ds2", "--energy", "50", "--n", "4",
-                 "--theta", "90", "--out", str(h5), "--model", str(tiny_model),
-                 "--no-progress"]) == 0
+                 "--out", str(h5), "--model", str(tiny_model), "--no-progress",
+                 "--allow-extrapolation"]) == 0
     data = read_calochallenge(h5)
     inc, vox = data
     assert tuple(vox.shape) == (4, 6480) and float(inc[0]) == pytest.approx(50000.0)
+    assert (vox.sum(1) > 0).all()
     capsys.readouterr()
     assert main(["generate", "--energy", "500", "--n", "1", "--out", str(tmp_path / "x.parquet"),
                  "--model", str(tiny_model), "--no-progress"]) == 2
@@ -232,3 +235,55 @@ def test_sample_reports_every_network_call(tiny_model):
     assert network_calls("euler", 3) == 3
     with pytest.raises(ValueError, match="unknown sampler"):
         network_calls("rk4", 3)
+
+
+def test_calochallenge_geometry_gets_normal_incidence_and_grazing_angles_are_refused(tmp_path):
+    import h5py
+
+    from pcshower.cli import main
+    from pcshower.models.generate import normal_incidence_deg
+
+    assert normal_incidence_deg("calochallenge_ds2") == 0.0 and normal_incidence_deg("ild") == 90.0
+    out = tmp_path / "ds2.h5"
+    assert main(["generate", "--geometry", "calochallenge_ds2", "--energy", "50", "--n", "2",
+                 "--seed", "1", "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        voxels = f["showers"][:]
+    assert voxels.shape == (2, 6480) and (voxels.sum(1) > 300.0).all()  # ~1.3 GeV seen of 50
+    # a direction along the face misses the readout: a clear error, no file
+    bad = tmp_path / "bad.h5"
+    assert main(["generate", "--geometry", "calochallenge_ds2", "--theta", "90", "--energy", "50",
+                 "--n", "1", "--out", str(bad), "--no-progress"]) == 2
+    assert not bad.exists()
+    # 70 deg to the normal is the model's 20 deg: outside what it saw, said in those words
+    with pytest.raises(ValueError, match="90 deg minus the 70 deg incidence"):
+        pcshower.generate(energy=50, angle=70, geometry="calochallenge_ds2", steps=2, seed=1)
+
+
+def test_most_energy_missing_the_readout_is_a_loud_warning(tmp_path):
+    from pcshower.geometry import load_geometry
+    from pcshower.models.generate import _project
+
+    path = tmp_path / "small.yaml"
+    path.write_text("""
+name: small_plane
+source: test
+stack:
+  - repeat: 30
+    slabs: [{material: W, thickness_mm: 2.1}, {material: Si, thickness_mm: 0.5, active: true}]
+readout: {kind: planar, cell_size_mm: 5.0}
+placement:
+  plane: {distance_mm: 0.0, half_width_mm: [50.0, 50.0]}
+""")
+    geom = load_geometry(path)
+    showers = pcshower.generate(energy=50, angle=90, geometry=None, n=2, seed=1)
+    showers = showers._replace(theta=torch.zeros(2, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        near = _project(showers, geom, torch.Generator().manual_seed(1)).hits  # on the plane
+    assert float(near.outside_energy.sum()) < 0.2 * 100_000  # leakage of an 18 X0 stack
+    # impact points 1 m off the plane: all of it misses, loudly
+    far = showers._replace(position=torch.tensor([[1000.0, 0.0, 0.0]] * 2, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="misses the readout of small_plane"):
+        hits = _project(far, geom, torch.Generator().manual_seed(1)).hits
+    assert float(hits.outside_energy.sum()) > 0.5 * 100_000 * 0.9

@@ -266,8 +266,10 @@ class Geometry:
             depth along the face normal ``n`` from the front face (mm), ``e`` the visible energy
             (MeV); extra point features are carried along. ``project`` of the result gives the
             same cells and energies as ``project`` of ``showers`` with an identically seeded
-            ``generator``, and the visible energies sum to the hits' total. Not carried over:
-            ``outside_energy`` and ``outside_points`` (the points outside are dropped here).
+            ``generator``, and the visible energies sum to the hits' total. The points outside
+            the readout are dropped here; the result's attributes ``outside_energy`` and
+            ``outside_points`` (``[B]``, as in :class:`CellHits`) count them (attributes of this
+            object only: copies made from it do not carry them).
 
         A deposit keeps its position, with one exception. Its visible energy belongs to the
         active layer of its sampling cell (the active slab and the passive slabs in front of
@@ -309,10 +311,16 @@ class Geometry:
         points = torch.stack([du, dv, w, p.visible.index_select(0, kept)], dim=1)
         if showers.points.shape[1] > 4:
             points = torch.cat([points, showers.points.index_select(0, kept)[:, 4:].to(points.dtype)], 1)
-        return Showers(points=points, ptr=ptr, energy=showers.energy, theta=theta, phi=phi,
-                       particle=showers.particle, position=position,
-                       feature_names=showers.feature_names, frame=DETECTOR_FRAME, geometry=self.name,
-                       metadata={**showers.metadata, "geometry": self.name})
+        result = Showers(points=points, ptr=ptr, energy=showers.energy, theta=theta, phi=phi,
+                         particle=showers.particle, position=position,
+                         feature_names=showers.feature_names, frame=DETECTOR_FRAME,
+                         geometry=self.name, metadata={**showers.metadata, "geometry": self.name})
+        # what was dropped because it missed the readout, as project() counts it
+        outside = (~p.inside).to(torch.float64)
+        sptr = showers.ptr.to(p.energy.device)
+        result.outside_energy = _sum_per_shower(p.energy * outside, sptr).to(torch.float32)
+        result.outside_points = _sum_per_shower(outside, sptr).round().to(torch.int64)
+        return result
 
     def _place(self, showers: Showers, placement: Placement | None,
                generator: torch.Generator | None, fluctuate: bool) -> "_Placed":

@@ -89,7 +89,10 @@ def register(subparsers) -> None:
     g.add_argument("--geometry", default="ild", help="geometry name or YAML file; 'none' writes "
                                                      "physics-frame showers (default: ild)")
     g.add_argument("--energy", required=True, help="incident energy in GeV, or LOW:HIGH")
-    g.add_argument("--theta", default="90", help="polar angle in degrees, or LOW:HIGH (default 90)")
+    g.add_argument("--theta", default=None,
+                   help="polar angle in degrees, or LOW:HIGH (default: normal incidence on the "
+                        "geometry, 90 for barrels such as ild, 0 for planes such as the "
+                        "CaloChallenge ones)")
     g.add_argument("--phi", default="0", help="azimuth in degrees, or LOW:HIGH (default 0)")
     g.add_argument("--n", type=int, default=1, help="number of showers")
     g.add_argument("--particle", default="photon",
@@ -232,6 +235,9 @@ def _generate(args) -> int:
     for path in (out, hits_path):
         if path is not None:
             check_output(path, overwrite=args.overwrite)
+    if args.theta is None:
+        from pcshower.models.generate import normal_incidence_deg
+        args.theta = str(normal_incidence_deg(geometry)) if geometry is not None else "90"
     rng = np.random.default_rng(args.seed)
     conds = {}
     for name in ("energy", "theta", "phi"):

@@ -69,20 +69,64 @@ def resolve_model(model=None, device=None):
     raise TypeError(f"model must be None, a checkpoint path or a ShowerModel, got {type(model).__name__}")
 
 
-def _check_range(model, energy: np.ndarray, theta: np.ndarray, allow: bool) -> None:
-    checks = [("energy", energy, model.energy_range, "GeV", 1.0),
-              ("angle (theta)", theta, model.theta_range, "deg", 180.0 / math.pi)]
-    for name, values, (lo, hi), unit, scale in checks:
+def _check_range(model, energy: np.ndarray, theta: np.ndarray, allow: bool,
+                 angle_note: str = "") -> None:
+    checks = [("energy", energy, model.energy_range, "GeV", 1.0, ""),
+              ("angle (theta)", theta, model.theta_range, "deg", 180.0 / math.pi, angle_note)]
+    for name, values, (lo, hi), unit, scale, note in checks:
         tol = _RANGE_TOLERANCE * (hi - lo) + 1e-9 * max(abs(lo), abs(hi))
         bad = (values < lo - tol) | (values > hi + tol)
         if bad.any():
             v = float(values[bad][0]) * scale
-            msg = (f"{name} {v:g} {unit} is outside the range the model was trained on "
+            msg = (f"{name} {v:g} {unit}{note} is outside the range the model was trained on "
                    f"[{lo * scale:g}, {hi * scale:g}] {unit}")
             if not allow:
                 raise ValueError(msg + "; pass allow_extrapolation=True (CLI: --allow-extrapolation) "
                                        "to generate anyway")
             warnings.warn(msg + "; extrapolating", stacklevel=4)
+
+
+def _barrel_convention(model) -> bool:
+    """True when the model's training showers carry a barrel geometry's global polar angle
+    (90 deg = normal incidence), as every shower set ``pcshower simulate --stack ild`` (or cld,
+    allegro) writes: such a model is conditioned on 90 deg minus the angle to the face normal."""
+    names: set[str] = set()
+
+    def walk(d):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if k == "geometry_stack" and isinstance(v, str):
+                    names.add(v)
+                elif k == "angles" and isinstance(v, str) and v.startswith("global ("):
+                    names.add(v[len("global ("):-1])
+                else:
+                    walk(v)
+
+    walk(getattr(model, "checkpoint_info", None) or {})
+    if not names:
+        return False
+    from pcshower.geometry import load_geometry
+
+    for name in sorted(names):
+        try:
+            local, _ = load_geometry(name).local_direction(torch.tensor([math.pi / 2]),
+                                                           torch.tensor([0.0]))
+        except (ValueError, FileNotFoundError):
+            continue
+        if abs(float(local[0])) < 1e-6:
+            return True
+    return False
+
+
+def normal_incidence_deg(geometry) -> float:
+    """The global polar angle (degrees) at which particles enter ``geometry`` along its face
+    normal at the default impact point: 90 for barrels, 0 for a plane facing +z."""
+    from pcshower.geometry import load_geometry
+
+    geom = load_geometry(geometry) if isinstance(geometry, str) else geometry
+    local, _ = geom.local_direction(torch.tensor([0.0, math.pi / 2]), torch.tensor([0.0, 0.0]))
+    local = torch.nan_to_num(local, nan=math.inf)
+    return 0.0 if float(local[0]) <= float(local[1]) else 90.0
 
 
 def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0, position=None,
@@ -189,8 +233,34 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
         if not allow_extrapolation:
             raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
         warnings.warn(msg, stacklevel=3)
-    _check_range(net, e_arr, theta_arr, allow_extrapolation)
-    e_arr, theta_arr, phi_arr = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr))
+    geom = None
+    if geometry is not None:
+        from pcshower.geometry import load_geometry
+
+        geom = load_geometry(geometry)
+    # the model's angle: for a model trained on a barrel's global angles, 90 deg minus the
+    # incidence to the face normal of the geometry the showers go to (the same angle for ILD)
+    model_theta, note = theta_arr, ""
+    converted = geom is not None and _barrel_convention(net)
+    if converted:
+        local, _ = geom.local_direction(torch.as_tensor(theta_arr), torch.as_tensor(phi_arr))
+        local = local.double().numpy().reshape(theta_arr.shape)
+        miss = ~np.isfinite(local)
+        if miss.any():
+            i = int(np.argmax(miss))
+            raise ValueError(f"angle {math.degrees(theta_arr.flat[i]):g} deg, phi "
+                             f"{math.degrees(phi_arr.flat[i]):g} deg misses the calorimeter of "
+                             f"{geom.name}; its particles enter along the face normal at angle "
+                             f"{normal_incidence_deg(geom):g} deg")
+        model_theta = math.pi / 2 - local
+        note = (f" (the model's angle: 90 deg minus the {{local}} deg incidence to the face "
+                f"normal of {geom.name}; normal incidence is angle "
+                f"{normal_incidence_deg(geom):g} deg there)")
+        bad = (model_theta < net.theta_range[0] - 1e-6) | (model_theta > net.theta_range[1] + 1e-6)
+        note = note.format(local=f"{math.degrees(float(local[bad][0])):g}") if bad.any() else ""
+    _check_range(net, e_arr, model_theta, allow_extrapolation, note)
+    e_arr, theta_arr, phi_arr, model_theta = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr,
+                                                                         model_theta))
     total = e_arr.size
     pos = None
     if position is not None:
@@ -214,12 +284,6 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
             "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
             "model": info.get("path", "in-memory model"),
             "model_sha256": info.get("sha256"), "particle": particle_name(code)}
-    geom = None
-    if geometry is not None:
-        from pcshower.geometry import load_geometry
-
-        geom = load_geometry(geometry)
-
     calls = network_calls(meta["sampler"], meta["steps"])
 
     def passes():
@@ -232,9 +296,12 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
             for start in range(0, total, size):
                 sl = slice(start, start + size)
                 k = len(e_arr[sl])
-                part = net.sample(e_arr[sl], theta_arr[sl], phi_arr[sl], steps=steps,
+                part = net.sample(e_arr[sl], model_theta[sl], phi_arr[sl], steps=steps,
                                   sampler=sampler, generator=gen, cond_phi=cond_phi,
                                   on_call=lambda: bar.update(k / calls))
+                if converted:  # placed at the angles asked for
+                    part = part._replace(theta=torch.as_tensor(theta_arr[sl], dtype=torch.float64,
+                                                               device=part.device))
                 bar.n = min(start + k, total)  # exact after the pass, whatever the rounding
                 bar.refresh()
                 part = part._replace(particle=torch.full((len(part),), code, dtype=torch.int64,
@@ -257,6 +324,20 @@ def _project(showers: Showers, geom, generator: torch.Generator) -> Showers:
     """Place physics-frame showers in a geometry: detector-frame points (the visible part, with
     sampling fluctuations) plus their cell hits, consistent with each other."""
     # float32 points like the model's; the hits are projected from exactly these points
-    detector = geom.to_detector(showers, generator=generator).to(dtype=showers.points.dtype)
-    detector.hits = geom.project(detector)
+    placed = geom.to_detector(showers, generator=generator)
+    detector = placed.to(dtype=showers.points.dtype)
+    hits = geom.project(detector)
+    # the hits count what missed the readout in placing the points too
+    hits.outside_energy = hits.outside_energy + placed.outside_energy.to(hits.outside_energy)
+    hits.outside_points = hits.outside_points + placed.outside_points.to(hits.outside_points)
+    detector.hits = hits
+    # energy that misses the readout is counted (outside_energy, MeV deposited); a batch that
+    # loses most of it is almost certainly placed wrongly: say so loudly
+    lost = float(detector.hits.outside_energy.double().sum())
+    made = float((showers.energy.double() * 1000.0).sum())
+    if made > 0 and lost > 0.5 * made:
+        warnings.warn(f"{100 * lost / made:.0f} % of the showers' energy misses the readout of "
+                      f"{geom.name} (outside its cells or depth): check the angles (normal "
+                      f"incidence is angle {normal_incidence_deg(geom):g} deg) and positions",
+                      stacklevel=2)
     return detector
