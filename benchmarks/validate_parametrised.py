@@ -11,7 +11,8 @@ for the gradient-boosting classifier AUC with its Geant4-vs-Geant4 floor.
     python benchmarks/validate_parametrised.py --data ~/pcshower-data --stacks ild,cld \\
         --max-showers 3000 --json docs/bench/parametrised_vs_geant4.json --plots docs/img
 
-Writes the JSON of every number and one profile plot per stack.
+Writes the JSON of every number (entries of other stacks already in the file are kept) and one
+profile plot per stack.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", type=Path, default=None)
     ap.add_argument("--no-classifier", action="store_true")
     args = ap.parse_args(argv)
-    results = {}
+    # stacks validated before keep their entry (a run per stack as its set becomes ready)
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.stacks.split(","):
             if not (args.data / f"g4_{name}_photons_val" / "detector").is_dir():
