@@ -313,6 +313,15 @@ def _profile_stats(v: torch.Tensor, bin_of: torch.Tensor, n_bins: int):
 
 
 # ---------------------------------------------------------------------------------- model
+def _cell_at(stack: Stack, normal_x0: np.ndarray) -> np.ndarray:
+    """Sampling cell (active layer) at each depth along the stack normal in X0; -1 outside
+    every cell (in front of, behind, or in passive slabs behind the last active one)."""
+    slab = np.searchsorted(stack.x0_edges, normal_x0, side="right") - 1
+    inside = (slab >= 0) & (slab < len(stack.slabs))
+    cell_of_slab = sampling_layers(stack).cell_of_slab
+    return np.where(inside, cell_of_slab[np.clip(slab, 0, len(stack.slabs) - 1)], -1)
+
+
 class _LongitudinalModel:
     """Mean layer energies of model showers with fixed noise, differentiable in the coefficients."""
 
@@ -330,10 +339,7 @@ class _LongitudinalModel:
         k = int(math.ceil(max_axis / DEPTH_STEP_X0))
         self.depth = (torch.arange(k, dtype=torch.float64) + 0.5) * DEPTH_STEP_X0  # axis X0
         layers = sampling_layers(stack)
-        normal = (self.depth[None, :] * cos_t[:, None]).numpy()
-        slab = np.searchsorted(stack.x0_edges, normal, side="right") - 1
-        inside = (slab >= 0) & (slab < len(stack.slabs))
-        cell = np.where(inside, layers.cell_of_slab[np.clip(slab, 0, len(stack.slabs) - 1)], -1)
+        cell = _cell_at(stack, (self.depth[None, :] * cos_t[:, None]).numpy())
         L = layers.num_layers
         # flat index into [showers, L + 1] (the last column collects what no layer sees)
         cell = np.where(cell >= 0, cell, L)
@@ -468,7 +474,7 @@ R_EDGES_RM = np.concatenate([[0.0], np.geomspace(0.1, MAX_RADIUS_RM, 19)])
 RHO_EDGES = np.array([0.0, 0.4, 0.7, 1.0, 1.3, 1.7, 2.5, 100.0])
 
 
-def fit_radial(physics, stack: Stack, start: Parametrisation, *, energy_bins: int = 3,
+def fit_radial(detector, stack: Stack, start: Parametrisation, *, energy_bins: int = 3,
                showers_per_bin: int = 300, spot_scale: float = 0.01, steps: int = 100,
                lr: float = 0.03, seed: int = 0, max_radius_rm: float | None = MAX_RADIUS_RM,
                progress: str | None = None) -> tuple[Parametrisation, dict]:
@@ -481,7 +487,7 @@ def fit_radial(physics, stack: Stack, start: Parametrisation, *, energy_bins: in
     its depth, both weighted by visible energy. Model showers take the conditions of data
     showers of their energy bin; each spot counts with its layer's sampling fraction (zero
     outside every sampling cell, e.g. behind the stack)."""
-    energy, theta, phi, points, ptr = physics
+    energy, theta, phi, points, ptr = detector
     e_edges = np.quantile(energy, np.linspace(0, 1, energy_bins + 1))
     e_bin_shower = np.clip(np.searchsorted(e_edges[1:-1], energy, side="right"), 0,
                            energy_bins - 1)
@@ -520,10 +526,7 @@ def fit_radial(physics, stack: Stack, start: Parametrisation, *, energy_bins: in
     t_abs = ts + (st * start.pair_length_x0).index_select(0, seg)
     # what the detector sees of each spot: its sampling cell's fraction (0 outside every cell)
     layers = sampling_layers(stack)
-    normal = t_abs.numpy() * cos_model[seg.numpy()]
-    slab = np.searchsorted(stack.x0_edges, normal, side="right") - 1
-    inside = (slab >= 0) & (slab < len(stack.slabs))
-    cell = np.where(inside, layers.cell_of_slab[np.clip(slab, 0, len(stack.slabs) - 1)], -1)
+    cell = _cell_at(stack, t_abs.numpy() * cos_model[seg.numpy()])
     seen = np.where(cell >= 0, layers.sampling_fraction[np.clip(cell, 0, None)], 0.0)
     frac = frac * torch.as_tensor(seen)
     frac = frac / torch.zeros(len(e_t), dtype=torch.float64).index_add_(
