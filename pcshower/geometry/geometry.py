@@ -352,18 +352,17 @@ class Geometry:
         if physics:
             rot = rotation_to_local(frames.theta_local, frames.phi_local).reshape(n, 9)
             r = [expand(rot[:, k].contiguous()) for k in range(9)]
-            from pcshower.simulate.tuning import sampling_scale, shipped_tune
+            from pcshower.simulate.tuning import shipped_tune
 
+            energy = energy * expand(showers.energy.double() * GEV_TO_MEV)
             # the stack's Geant4-tuned sampling response, where it has a tune, scales what the
             # layers see (the deposits stay unscaled: they are what outside_energy counts)
-            e_scale = showers.energy.double() * GEV_TO_MEV
             response, kappa = None, {}
             tune = shipped_tune(self.stack)
             if tune is not None:
-                response = expand(sampling_scale(self.stack, showers.energy,
-                                                 frames.theta_local).to(dev))
+                response = expand(tune.sampling_scale(showers.energy.double(),
+                                                      frames.theta_local.double()).to(dev))
                 kappa = {"crossing_rms": tune.crossing_rms}
-            energy = energy * expand(e_scale)
         impact_u = expand(frames.impact_uv[:, 0].contiguous())
         impact_v = expand(frames.impact_uv[:, 1].contiguous())
         slab = active = None

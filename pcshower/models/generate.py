@@ -253,11 +253,11 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
                              f"{geom.name}; its particles enter along the face normal at angle "
                              f"{normal_incidence_deg(geom):g} deg")
         model_theta = math.pi / 2 - local
-        note = (f" (the model's angle: 90 deg minus the {{local}} deg incidence to the face "
-                f"normal of {geom.name}; normal incidence is angle "
-                f"{normal_incidence_deg(geom):g} deg there)")
         bad = (model_theta < net.theta_range[0] - 1e-6) | (model_theta > net.theta_range[1] + 1e-6)
-        note = note.format(local=f"{math.degrees(float(local[bad][0])):g}") if bad.any() else ""
+        if bad.any():
+            note = (f" (the model's angle: 90 deg minus the {math.degrees(float(local[bad][0])):g}"
+                    f" deg incidence to the face normal of {geom.name}; normal incidence is "
+                    f"angle {normal_incidence_deg(geom):g} deg there)")
     _check_range(net, e_arr, model_theta, allow_extrapolation, note)
     e_arr, theta_arr, phi_arr, model_theta = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr,
                                                                          model_theta))
