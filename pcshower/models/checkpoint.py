@@ -122,12 +122,21 @@ def checkpoint_state(body: dict) -> dict:
     return {**body["weights"], **{f"norm.{k}": v for k, v in body["normalization"].items()}}
 
 
-def load_model(path: str | os.PathLike, device=None):
+def load_model(path: str | os.PathLike, device=None, *, objective: str | None = None):
     """A :class:`~pcshower.models.model.ShowerModel` in eval mode from a checkpoint file;
-    its ``checkpoint_info`` holds the file's metadata (versions, metrics, data provenance)."""
+    its ``checkpoint_info`` holds the file's metadata (versions, metrics, data provenance).
+    ``objective``: refuse a model trained with another objective (``"edm"``,
+    ``"flow_matching"``, ``"consistency"``)."""
     from pcshower.models.model import ShowerModel
 
     body = read_checkpoint(path)
+    recorded = body.get("objective", body["config"].get("objective", "edm"))
+    if recorded != body["config"].get("objective", "edm"):
+        raise CheckpointError(f"checkpoint {path} records objective {recorded!r} but its model "
+                              f"config says {body['config'].get('objective')!r}")
+    if objective is not None and recorded != objective:
+        raise CheckpointError(f"checkpoint {path} is a {recorded!r} model; a {objective!r} model "
+                              f"is needed here")
     try:
         model = ShowerModel(body["config"])
         model.load_state_dict(checkpoint_state(body))
@@ -148,6 +157,7 @@ def model_payload(model, *, metrics: dict | None = None, provenance: dict | None
     state = model.state_dict()
     return {
         "config": model.config,
+        "objective": model.objective.name,
         "frame": "physics",
         "weights": {k: v for k, v in state.items() if not k.startswith("norm.")},
         "normalization": {k[len("norm."):]: v for k, v in state.items() if k.startswith("norm.")},
@@ -166,24 +176,39 @@ def is_flow_state(key: str) -> bool:
     return key.startswith("flow.") or key in FLOW_NORM_KEYS
 
 
-def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
-                        out: str | os.PathLike) -> Path:
-    """One checkpoint from two runs trained apart (e.g. in parallel, ``train.parts: [points]``
-    and ``[flow]``): the flow and its shape-feature statistics of ``flow``, everything else
-    (point network, point and condition statistics, generation-time tables) of ``points``.
+#: Model config keys of the point network alone (its backbone, objective and sampler): a
+#: combined model takes them from its point-network part.
+POINT_NETWORK_KEYS = ("backbone", "epic", "transformer", "objective", "edm", "flow_matching",
+                      "consistency", "sampler", "steps")
 
-    The config is ``flow``'s; the two configs may differ only in the flow's own size
-    (``flow``) and the encoding of its fractions (``fraction_eps``, ``fraction_dequantize``;
-    not for a shape-conditioned point network) — the shape features (slices, rings), the
-    point network and every generation-time setting must agree, else the flow would sample
-    features the calibration reads differently. Atomic write; the provenance names both files and their digests."""
+#: Buffers measured at generation time by ``fit-split`` (not trained).
+TABLE_KEYS = frozenset({"split_spread", "split_spread_showers", "slice_depth"})
+
+
+def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
+                        out: str | os.PathLike, *, tables: str = "points") -> Path:
+    """One checkpoint from two runs trained apart (e.g. in parallel, ``train.parts: [points]``
+    and ``[flow]``, or a new point network beside an existing model's flow): the flow and its
+    shape-feature statistics of ``flow``, the point network and point and condition statistics
+    of ``points``, and the generation-time tables (``fit-split``) of the part ``tables`` names.
+
+    The config is ``flow``'s with the point network's own keys (:data:`POINT_NETWORK_KEYS`:
+    backbone, objective, sampler, ...) of ``points``; the rest may differ only in the flow's
+    own size (``flow``) and the encoding of its fractions (``fraction_eps``,
+    ``fraction_dequantize``; not for a shape-conditioned point network) — the shape features
+    (slices, rings) and every generation-time setting must agree, else the flow would sample
+    features the calibration reads differently. Atomic write; the provenance names both files
+    and their digests."""
+    if tables not in ("points", "flow"):
+        raise ValueError(f"tables must be 'points' or 'flow', got {tables!r}")
     pb, fb = read_checkpoint(points), read_checkpoint(flow)
     from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, merge_config
 
     pc, fc = (merge_config(DEFAULT_MODEL_CONFIG, b["config"]) for b in (pb, fb))
     # the flow's size and how its fraction features are encoded concern the flow alone, unless
     # the point network reads the shape features too (epic.shape_embed)
-    own = {"flow"} | (set() if pc["epic"]["shape_embed"] else {"fraction_eps", "fraction_dequantize"})
+    own = {"flow", *POINT_NETWORK_KEYS} | (
+        set() if pc["epic"]["shape_embed"] else {"fraction_eps", "fraction_dequantize"})
     differ = sorted(k for k in fc if k not in own and fc[k] != pc[k])
     if differ:
         raise CheckpointError(f"cannot combine {points} and {flow}: their model configs differ in "
@@ -192,14 +217,20 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
     if pb["frame"] != fb["frame"]:
         raise CheckpointError(f"cannot combine a {pb['frame']!r}-frame and a {fb['frame']!r}-frame "
                               f"checkpoint")
-    model = ShowerModel(fc)
+    config = {**fc, **{k: pc[k] for k in POINT_NETWORK_KEYS}}
+    model = ShowerModel(config)
     ps, fs = checkpoint_state(pb), checkpoint_state(fb)
-    state = {k: (fs if is_flow_state(k) else ps)[k]
+    table_source = ps if tables == "points" else fs
+    state = {k: (table_source if k in TABLE_KEYS else fs if is_flow_state(k) else ps)[k]
              for k in model.state_dict()}
     model.load_state_dict(state)
     provenance = {"combined": {part: {"path": str(path), "sha256": b["sha256"],
                                       "provenance": b.get("provenance", {})}
                                for part, path, b in (("points", points, pb), ("flow", flow, fb))}}
+    provenance["combined"]["tables_from"] = tables
     provenance.update(combined_training_record(pb.get("provenance", {}), fb.get("provenance", {})))
+    table_prov = (pb if tables == "points" else fb).get("provenance", {})
+    if "split_spread" in table_prov:
+        provenance["split_spread"] = table_prov["split_spread"]
     metrics = {"points": pb.get("metrics", {}), "flow": fb.get("metrics", {})}
     return save_checkpoint(out, model_payload(model, metrics=metrics, provenance=provenance))

@@ -74,9 +74,13 @@ def register(subparsers) -> None:
         description="Write one checkpoint with the flow (and its shape-feature statistics) of FLOW "
                     "and everything else of POINTS: for the two parts of a model trained in "
                     "parallel (train.parts: [points] and [flow], same model section but the "
-                    "flow's size).")
+                    "flow's size), or a new point network (another objective or backbone) "
+                    "beside an existing model's flow.")
     c.add_argument("points", help="checkpoint whose point network is kept")
     c.add_argument("flow", help="checkpoint whose flow is kept")
+    c.add_argument("--tables-from", choices=["points", "flow"], default="points",
+                   help="which checkpoint's generation-time tables (split spread, slice depths, "
+                        "measured by `pcshower fit-split`) to keep (default: points)")
     c.add_argument("--out", required=True, help="checkpoint to write (atomic)")
     c.set_defaults(func=_combine)
 
@@ -102,11 +106,13 @@ def register(subparsers) -> None:
     g.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     g.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's). Time grows with the network calls "
-                        "(Heun: 2 x steps - 1); fewer steps than the model was tuned for cost "
+                        "(EDM Heun: 2 x steps - 1, flow-matching Heun/midpoint: 2 x steps, Euler "
+                        "and consistency: steps); fewer steps than the model was tuned for cost "
                         "fidelity (docs/models.md measures the shipped model at 8 and 16)")
-    g.add_argument("--sampler", choices=["heun", "euler"], default=None,
-                   help="ODE sampler: heun (2nd order, 2 calls a step) or euler (1 call a step); "
-                        "default: the model's")
+    g.add_argument("--sampler", choices=["heun", "euler", "midpoint", "multistep"], default=None,
+                   help="sampler: heun (2nd order, 2 calls a step) or euler (1 call a step) for "
+                        "EDM and flow-matching models, midpoint (flow matching), multistep "
+                        "(consistency models); default: the model's")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=None, help="showers per pass (memory bound)")
     g.add_argument("--device", default=None,
@@ -194,7 +200,7 @@ def _combine(args) -> int:
     from pcshower.models.checkpoint import combine_checkpoints
 
     check_output(args.out, overwrite=True)
-    combine_checkpoints(args.points, args.flow, args.out)
+    combine_checkpoints(args.points, args.flow, args.out, tables=args.tables_from)
     print(f"wrote {args.out}: point network of {args.points}, flow of {args.flow}")
     return 0
 

@@ -17,7 +17,6 @@ import torch
 
 from pcshower.data.hits import CellHits
 from pcshower.data.showers import Showers
-from pcshower.models.samplers import network_calls
 from pcshower.units import deg_to_rad, particle_code, particle_name, resolve_device
 
 __all__ = ["generate", "generate_batches", "load_default_model", "default_model_path", "resolve_model"]
@@ -153,7 +152,8 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         batch_size: showers generated (and placed and projected) per pass: the memory bound of
             the work, default 256; the returned points and hits of all passes stay in memory
             (:func:`generate_batches` yields them pass by pass instead).
-        sampler: ``"heun"`` or ``"euler"`` (default: the model's).
+        sampler: one of the model objective's samplers (``"heun"``, ``"euler"``; ``"midpoint"``
+            for flow matching; ``"multistep"`` for consistency models); default: the model's.
         allow_extrapolation: warn instead of failing for conditions outside the training range.
         progress: show a tqdm progress bar over the passes.
 
@@ -283,8 +283,10 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     meta = {"generator": "pcshower.generate", "seed": int(seed),
             "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
             "model": info.get("path", "in-memory model"),
-            "model_sha256": info.get("sha256"), "particle": particle_name(code)}
-    calls = network_calls(meta["sampler"], meta["steps"])
+            "model_sha256": info.get("sha256"), "particle": particle_name(code),
+            "objective": net.objective.name}
+    calls = net.network_calls(meta["steps"], meta["sampler"])
+    meta["network_calls"] = calls
 
     def passes():
         # the bar counts showers and moves with every network call of a pass (a pass of k

@@ -1,4 +1,6 @@
-"""`ShowerModel`: ShowerFlow for the global shape plus an EPiC EDM diffusion model for the points.
+"""`ShowerModel`: ShowerFlow for the global shape plus a point network (EPiC or set-transformer
+backbone) trained with one of the objectives of :mod:`pcshower.models.objectives` (EDM
+diffusion, flow matching, consistency).
 
 Everything a trained model needs at generation time lives in this module's state: network
 weights and the feature normalisation (buffers of :class:`Normalization`), so one checkpoint
@@ -17,12 +19,12 @@ from torch import nn
 
 from pcshower.data.showers import Showers
 from pcshower.models.calibration import calibrate_points
-from pcshower.models.edm import EDM
-from pcshower.models.samplers import SAMPLERS, karras_sigmas
+from pcshower.models.objectives import EDM, build_objective
 from pcshower.models.showerflow import ShapeCodec, ShowerFlow, ShowerShape, slice_edges
 from pcshower.models.split import (SPREAD_R_EDGES, SPREAD_Z_EDGES, declump_points,
                                    measure_voxel_spread, split_points, spread_boxes)
 from pcshower.nn.epic import EPiCNetwork
+from pcshower.nn.transformer import SetTransformer
 
 __all__ = ["ShowerModel", "DEFAULT_MODEL_CONFIG", "merge_config", "split_points"]
 
@@ -55,8 +57,18 @@ DEFAULT_MODEL_CONFIG = {
     # to the point network's conditioning; 0: the network sees only E, angles, N and sigma
     "epic": {"point_dim": 64, "global_dim": 16, "hidden": 128, "layers": 3, "sum_scale": 100.0,
              "shape_embed": 0},
+    # the point network's backbone: "epic" (section epic) or "transformer" (section transformer:
+    # induced-set attention with adaLN, pcshower/nn/transformer.py)
+    "backbone": "epic",
+    "transformer": {"dim": 64, "heads": 4, "layers": 3, "inducing": 32, "mlp_ratio": 2.0},
+    # the point network's training objective and its sampler (pcshower/models/objectives/):
+    # "edm" (samplers heun, euler), "flow_matching" (euler, midpoint, heun) or "consistency"
+    # (multistep; noise range and schedule from the edm section, those of its EDM teacher)
+    "objective": "edm",
     "edm": {"sigma_data": 1.0, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,
             "sigma_max": 80.0, "rho": 7.0},
+    "flow_matching": {"sigma_min": 1.0e-4, "time": "uniform", "logit_mean": 0.0, "logit_std": 1.0},
+    "consistency": {"bins": 18, "mode": "distillation", "target_decay": 0.0},
     "sampler": "heun",
     "steps": 16,
     "max_points": 4096,
@@ -86,7 +98,9 @@ COND_DIM = 4  # ln E, theta, cos phi, sin phi (standardised)
 
 #: Network sizes that must be whole numbers of at least the value given (model config keys).
 _MIN_SIZES = {("epic", "point_dim"): 1, ("epic", "global_dim"): 1, ("epic", "hidden"): 1,
-              ("epic", "layers"): 1, ("flow", "transforms"): 1,
+              ("epic", "layers"): 1, ("flow", "transforms"): 1, ("transformer", "dim"): 1,
+              ("transformer", "heads"): 1, ("transformer", "layers"): 1,
+              ("transformer", "inducing"): 1,
               ("flow", "bins"): 2, ("steps",): 1, ("max_points",): 1}
 
 
@@ -151,6 +165,10 @@ class ShowerModel(nn.Module):
         self.codec = ShapeCodec(edges, cfg["fraction_eps"], cfg["rings"],
                                  dequantize_zeros=bool(cfg["fraction_dequantize"]))
         self.edm = EDM(**cfg["edm"])
+        self.objective = build_objective(cfg)
+        if cfg["sampler"] not in self.objective.samplers:
+            raise ValueError(f"model config sampler {cfg['sampler']!r} does not fit objective "
+                             f"{self.objective.name!r}; its samplers: {list(self.objective.samplers)}")
         self.norm = Normalization(self.codec.num_features)
         fc = cfg["flow"]
         self.flow = ShowerFlow(self.codec.num_features, COND_DIM, transforms=int(fc["transforms"]),
@@ -166,9 +184,20 @@ class ShowerModel(nn.Module):
         self.shape_embed = None if width == 0 else nn.Sequential(
             nn.Linear(self.codec.num_features, 4 * width), nn.LeakyReLU(0.01),
             nn.Linear(4 * width, width))
-        self.points_net = EPiCNetwork(4, 4, COND_DIM + 2 + width, point_dim=int(ec["point_dim"]),
-                                      global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
-                                      layers=int(ec["layers"]), sum_scale=float(ec["sum_scale"]))
+        cond_dim = COND_DIM + 2 + width  # conditions, time feature, ln N, shape embedding
+        if cfg["backbone"] == "epic":
+            self.points_net = EPiCNetwork(4, 4, cond_dim, point_dim=int(ec["point_dim"]),
+                                          global_dim=int(ec["global_dim"]), hidden=int(ec["hidden"]),
+                                          layers=int(ec["layers"]), sum_scale=float(ec["sum_scale"]))
+        elif cfg["backbone"] == "transformer":
+            tc = cfg["transformer"]
+            self.points_net = SetTransformer(4, 4, cond_dim, dim=int(tc["dim"]),
+                                             heads=int(tc["heads"]), layers=int(tc["layers"]),
+                                             inducing=int(tc["inducing"]),
+                                             mlp_ratio=float(tc["mlp_ratio"]))
+        else:
+            raise ValueError(f"model config backbone must be 'epic' or 'transformer', got "
+                             f"{cfg['backbone']!r}")
         sc = cfg["split"]
         if sc["spread"]:
             if sc["box"] is None or int(sc["factor"]) < 2:
@@ -274,40 +303,69 @@ class ShowerModel(nn.Module):
             return None
         return (self.codec.encode(shape) - self.norm.shape_mean) / self.norm.shape_std
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
-                batch: torch.Tensor, counts: torch.Tensor,
-                shape_y: torch.Tensor | None = None) -> torch.Tensor:
-        """EDM denoiser :math:`D(x;\\sigma)` on normalised points; ``sigma`` per shower ``[B]``;
+    def network(self, cond: torch.Tensor, batch: torch.Tensor, counts: torch.Tensor,
+                shape_y: torch.Tensor | None = None):
+        """The raw point network as the objectives call it, ``net(x_in [P, 4], t [B])``, for
+        showers with conditions ``cond``, point index ``batch`` and point counts ``counts``;
         ``shape_y`` the :meth:`shape_context` (required with ``epic.shape_embed``)."""
-        c_skip, c_out, c_in, c_noise = self.edm.coefficients(sigma)
         ln_n = (counts.float().clamp(min=1).log() - self.norm.cond_stats[4]) / self.norm.cond_stats[5]
-        full = [cond, c_noise[:, None], ln_n[:, None]]
+        fixed = [cond, None, ln_n[:, None]]
         if self.shape_embed is not None:
             if shape_y is None:
                 raise ValueError("this model's point network is conditioned on the shower shape "
                                  "(epic.shape_embed): pass shape_y")
-            full.append(self.shape_embed(shape_y.to(x.dtype)))
-        full = torch.cat(full, 1)
-        f = self.points_net(x * c_in[batch, None], full, batch, counts)
-        return c_skip[batch, None] * x + c_out[batch, None] * f
+            fixed.append(self.shape_embed(shape_y.to(cond.dtype)))
+
+        def net(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            fixed[1] = t[:, None].to(x_in.dtype)
+            return self.points_net(x_in, torch.cat(fixed, 1), batch, counts)
+
+        return net
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                batch: torch.Tensor, counts: torch.Tensor,
+                shape_y: torch.Tensor | None = None) -> torch.Tensor:
+        """EDM denoiser :math:`D(x;\\sigma)` on normalised points (an EDM model, or the teacher
+        of a distilled one); ``sigma`` per shower ``[B]``."""
+        if self.objective.name != "edm":
+            raise ValueError(f"denoise() is the EDM denoiser; this model's objective is "
+                             f"{self.objective.name!r}")
+        return self.edm.denoise(self.network(cond, batch, counts, shape_y), x, sigma, batch)
 
     def point_loss(self, showers: Showers, cond: torch.Tensor,
                    generator: torch.Generator | None = None,
-                   sigma: float | torch.Tensor | None = None) -> torch.Tensor:
-        """EDM loss on the points of a batch of training showers (mean over points); noise
-        levels drawn from the training distribution, or the given ``sigma`` (per shower or one)."""
+                   sigma: float | torch.Tensor | None = None, *, teacher: ShowerModel | None = None,
+                   target: ShowerModel | None = None) -> torch.Tensor:
+        """The objective's loss on the points of a batch of training showers (mean over points).
+        ``sigma`` (EDM only): the noise level per shower or one for all, instead of drawn ones.
+        ``teacher``: the EDM model a consistency model is distilled from; ``target``: the model
+        holding the consistency target's weights (default: this one, without gradient)."""
         x = self.normalize_points(showers.points)
-        batch, counts = showers.batch, showers.num_points
-        if sigma is None:
-            sigma = self.edm.sample_sigma(len(showers), generator, x.device)
-        else:
-            sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(showers))
-        noise = torch.randn(x.shape, generator=generator, device=x.device)
-        shape_y = None if self.shape_embed is None else self.shape_context(
-            self.codec.measure(showers.points, batch, len(showers)))
-        d = self.denoise(x + sigma[batch, None] * noise, sigma, cond, batch, counts, shape_y)
-        w = self.edm.loss_weight(sigma)[batch]
-        return (w * ((d - x) ** 2).mean(1)).mean()
+        batch, counts, b = showers.batch, showers.num_points, len(showers)
+        needs_shape = self.shape_embed is not None or (
+            teacher is not None and teacher.shape_embed is not None)
+        shape = self.codec.measure(showers.points, batch, b) if needs_shape else None
+        net = self.network(cond, batch, counts, None if self.shape_embed is None
+                           else self.shape_context(shape))
+        extra = {}
+        if sigma is not None:
+            if self.objective.name != "edm":
+                raise ValueError("point_loss(sigma=...) fixes an EDM noise level; this model's "
+                                 f"objective is {self.objective.name!r}")
+            extra["sigma"] = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(b)
+        if teacher is not None:
+            t_shape = None if teacher.shape_embed is None else teacher.shape_context(shape)
+            extra["teacher"] = lambda xt, s: teacher.denoise(xt, s, cond, batch, counts, t_shape)
+        if target is not None:
+            extra["target"] = target.network(cond, batch, counts, None if target.shape_embed is None
+                                             else target.shape_context(shape))
+        return self.objective.loss(net, x, batch, b, generator, **extra)
+
+    def network_calls(self, steps: int | None = None, sampler: str | None = None) -> int:
+        """Point-network calls per shower of a sample with ``steps`` steps of ``sampler``
+        (defaults: the model's)."""
+        return self.objective.network_calls(sampler or self.config["sampler"],
+                                            int(steps or self.config["steps"]))
 
     # ------------------------------------------------------------------ sampling
     def postprocess(self, points: torch.Tensor, ptr: torch.Tensor, shape: ShowerShape,
@@ -393,21 +451,18 @@ class ShowerModel(nn.Module):
         torch.cumsum(counts, 0, out=ptr[1:])
         batch = torch.repeat_interleave(torch.arange(b, device=dev), counts)
         name = sampler or self.config["sampler"]
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-        sigmas = karras_sigmas(int(steps or self.config["steps"]), self.edm.sigma_min,
-                               self.edm.sigma_max, self.edm.rho, device=dev)
-        x = torch.randn(int(ptr[-1]), 4, generator=generator, device=dev) * sigmas[0]
+        net = self.network(cond, batch, counts, self.shape_context(shape))
+        if on_call is not None:
+            raw = net
 
-        shape_y = self.shape_context(shape)
-
-        def denoiser(x, sigma):
-            out = self.denoise(x, sigma.expand(b), cond, batch, counts, shape_y)
-            if on_call is not None:
+            def net(x_in, t):
+                out = raw(x_in, t)
                 on_call()
-            return out
+                return out
 
-        points = self.denormalize_points(SAMPLERS[name](denoiser, x, sigmas))
+        x = self.objective.sample(net, (int(ptr[-1]), 4), batch, b,
+                                  int(steps or self.config["steps"]), name, generator)
+        points = self.denormalize_points(x)
         if calibrate:
             points, ptr = self.postprocess(points, ptr, shape, generator)
         return Showers(points=points, ptr=ptr, energy=energy, theta=theta, phi=phi,

@@ -1,4 +1,5 @@
-"""Noise schedules and ODE samplers for EDM diffusion, as plain functions of a denoiser callable.
+"""Noise schedules and ODE samplers, as plain functions of a denoiser (EDM) or velocity (flow
+matching) callable.
 
 The denoiser is any callable ``denoiser(x, sigma) -> D(x; sigma)`` returning the estimate of the
 clean sample; ``sigma`` is a 0-d tensor. Formulas from Karras, Aittala, Aila, Laine, "Elucidating
@@ -11,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["karras_sigmas", "sample_euler", "sample_heun", "SAMPLERS", "network_calls"]
+__all__ = ["karras_sigmas", "sample_euler", "sample_heun", "SAMPLERS", "network_calls", "ode_euler",
+           "ode_midpoint", "ode_heun", "ODE_SOLVERS"]
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -70,3 +72,34 @@ def network_calls(sampler: str, steps: int) -> int:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     return int(steps) if sampler == "euler" else 2 * int(steps) - 1
+
+
+# --------------------------------------------------------------------------- flow matching ODEs
+# dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a uniform grid; ``velocity(x, t)`` with
+# ``t`` a 0-d tensor. Used by :mod:`pcshower.models.objectives.flow_matching`.
+
+def ode_euler(velocity: Callable, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Explicit Euler over the time grid ``ts``: one velocity call per step."""
+    for i in range(len(ts) - 1):
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i])
+    return x
+
+
+def ode_midpoint(velocity: Callable, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Explicit midpoint rule (second order): two velocity calls per step."""
+    for i in range(len(ts) - 1):
+        h = ts[i + 1] - ts[i]
+        x = x + h * velocity(x + 0.5 * h * velocity(x, ts[i]), ts[i] + 0.5 * h)
+    return x
+
+
+def ode_heun(velocity: Callable, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Heun's method (explicit trapezoid, second order): two velocity calls per step."""
+    for i in range(len(ts) - 1):
+        h = ts[i + 1] - ts[i]
+        v = velocity(x, ts[i])
+        x = x + 0.5 * h * (v + velocity(x + h * v, ts[i + 1]))
+    return x
+
+
+ODE_SOLVERS = {"euler": ode_euler, "midpoint": ode_midpoint, "heun": ode_heun}

@@ -52,6 +52,9 @@ DEFAULT_TRAIN_CONFIG = {
     "parts": ["flow", "points"],  # which networks to train; the others stay as initialised
     "init_from": None,         # checkpoint to start from: its normalisation and every weight
                                # whose name and shape match (e.g. retrain only the flow)
+    "teacher": None,           # the EDM checkpoint a consistency model is distilled from
+                               # (objective: consistency, mode: distillation); the student
+                               # starts from it unless init_from names another start
 }
 
 _LOG_FIELDS = ["step", "loss", "flow_loss", "point_loss", "lr", "grad_norm", "elapsed_s"]
@@ -84,6 +87,7 @@ _TRAIN_CHECKS = {
     "parts": lambda v: (isinstance(v, list) and len(v) > 0 and set(v) <= {"flow", "points"}
                         and len(set(v)) == len(v), "a non-empty list of 'flow' and 'points'"),
     "init_from": lambda v: (v is None or isinstance(v, str), "null or a checkpoint path"),
+    "teacher": lambda v: (v is None or isinstance(v, str), "null or a checkpoint path"),
 }
 
 
@@ -223,14 +227,28 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     # measured first, then overwritten by an init checkpoint's normalisation where it fits (a
     # flow with other shape features keeps the statistics measured here)
     model.fit_normalization(train_set)
+    teacher = _load_teacher(model, tc, device)
+    if teacher is not None:
+        provenance["teacher"] = {"path": str(tc["teacher"]),
+                                 "sha256": teacher.checkpoint_info.get("sha256")}
+        if not tc["init_from"]:
+            tc["init_from"] = str(tc["teacher"])
     if tc["init_from"]:
         provenance["init_from"] = _init_from(model, tc["init_from"], refit_shape="flow" in parts)
+    if teacher is not None:
+        _check_teacher_normalization(model, teacher, tc["teacher"])
+    provenance["objective"] = model.objective.name
     for name, net in (("flow", model.flow), ("points", model.points_net),
                       ("points", model.shape_embed)):
         if net is not None:
             net.requires_grad_(name in parts)
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # the consistency target theta^-: its own EMA of the weights (target_decay > 0), else the
+    # current weights without gradient (point_loss's default)
+    target_decay = float(model.config["consistency"]["target_decay"])
+    target = (copy.deepcopy(model).eval().requires_grad_(False)
+              if model.objective.name == "consistency" and target_decay > 0 else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tc["lr"], weight_decay=tc["weight_decay"])
 
@@ -258,6 +276,8 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
             raise ValueError("--resume: the model config differs from the run's config")
         model.load_state_dict(state["model"])
         ema.load_state_dict(checkpoint_state(body))
+        if target is not None:
+            target.load_state_dict(state["target"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -287,7 +307,8 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
             zero = torch.zeros((), device=device)
             flow_loss = model.flow_loss(y, cond_all[fidx.to(device)]) if "flow" in parts else zero
             point_loss = (model.point_loss(train_set[pidx.to(device)], cond_all[pidx.to(device)],
-                                           _device_gen(gen, device))
+                                           _device_gen(gen, device), teacher=teacher,
+                                           target=target)
                           if "points" in parts else zero)
             loss = flow_loss + point_loss
         if not torch.isfinite(loss.detach()).all():
@@ -304,6 +325,9 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
+            if target is not None:
+                for pt, pm in zip(target.parameters(), model.parameters()):
+                    pt.lerp_(pm, 1 - target_decay)
         step += 1
         values = [float(loss.detach()), float(flow_loss.detach()), float(point_loss.detach())]
         running = values if running is None else [0.98 * r + 0.02 * v for r, v in zip(running, values)]
@@ -316,7 +340,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         bar.update(1)
         if step % int(tc["checkpoint_every"]) == 0 or step == int(tc["steps"]):
             now = elapsed + time.perf_counter() - t0
-            _save_state(last, model, ema, opt, gen, step, now, fingerprint, provenance)
+            _save_state(last, model, ema, opt, gen, step, now, fingerprint, provenance, target)
     bar.close()
     elapsed += time.perf_counter() - t0
 
@@ -325,7 +349,7 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
                "final_flow_loss_smoothed": running[1] if running else None,
                "final_point_loss_smoothed": running[2] if running else None}
     if val_set is not None and len(val_set):
-        metrics.update(_validate(ema, val_set.to(device), seed=int(tc["seed"])))
+        metrics.update(_validate(ema, val_set.to(device), seed=int(tc["seed"]), teacher=teacher))
     save_checkpoint(out / "model.pt", model_payload(ema, metrics=metrics, provenance=provenance))
     log.info("training done: %s", metrics)
     return metrics
@@ -367,6 +391,44 @@ def _init_from(model: ShowerModel, path, refit_shape: bool = False) -> dict:
             "metrics": body.get("metrics", {})}
 
 
+def _load_teacher(model: ShowerModel, tc: dict, device):
+    """The EDM teacher of a consistency-distillation run (``train.teacher``), in eval mode on
+    ``device``; ``None`` for every other run. Refuses a run that needs one and has none, a
+    teacher for a run that does not distil, and a teacher of another objective or schedule."""
+    distils = (model.objective.name == "consistency"
+               and model.config["consistency"]["mode"] == "distillation")
+    path = tc["teacher"]
+    if not distils:
+        if path:
+            raise ValueError(f"train.teacher is set ({path}) but the model does not distil (model "
+                             f"objective {model.objective.name!r}; a teacher is for objective: "
+                             "consistency with consistency.mode: distillation)")
+        return None
+    if not path:
+        raise ValueError("consistency distillation needs an EDM teacher: set train.teacher to its "
+                         "checkpoint (or consistency.mode: training to train without one)")
+    from pcshower.models.checkpoint import load_model
+
+    teacher = load_model(path, objective="edm")
+    theirs = {k: teacher.config["edm"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho")}
+    ours = {k: model.config["edm"][k] for k in theirs}
+    if theirs != ours:
+        raise ValueError(f"train.teacher {path}: its noise schedule {theirs} differs from this "
+                         f"model's edm section {ours}; a distilled model uses its teacher's")
+    return teacher.to(device).requires_grad_(False)
+
+
+def _check_teacher_normalization(model: ShowerModel, teacher: ShowerModel, path) -> None:
+    """A student reads and writes points and conditions in its teacher's units: the point and
+    condition statistics must be the teacher's (they are when the student starts from it)."""
+    for name in ("point_mean", "point_std", "cond_stats"):
+        mine = getattr(model.norm, name)
+        if not torch.equal(mine, getattr(teacher.norm, name).to(mine.device)):
+            raise ValueError(f"train.teacher {path}: the student's normalisation ({name}) is not "
+                             f"the teacher's; start the student from the teacher (leave "
+                             f"train.init_from empty) or from a checkpoint with its statistics")
+
+
 def _widen_conditioning(theirs: torch.Tensor, ours: torch.Tensor, grown: int) -> torch.Tensor:
     """A point-network weight from a checkpoint whose conditioning vector was ``grown`` features
     shorter (a larger ``epic.shape_embed`` here). Every Linear of :class:`EPiCNetwork` takes the
@@ -389,8 +451,9 @@ def _device_gen(gen: torch.Generator, device: torch.device):
 
 
 @torch.no_grad()
-def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
-    """Held-out flow NLL and EDM loss with the EMA weights (fixed noise draws)."""
+def _validate(model: ShowerModel, val: Showers, seed: int, teacher=None) -> dict:
+    """Held-out flow NLL and point loss (the model's objective) with the EMA weights (fixed
+    noise draws)."""
     g = torch.Generator().manual_seed(seed + 1)
     shape = model.codec.measure_showers(val)
     cond = model.condition(val.energy, val.theta, val.phi)
@@ -400,17 +463,20 @@ def _validate(model: ShowerModel, val: Showers, seed: int) -> dict:
                                          torch.rand(y.shape, generator=g).to(val.device))
     flow = float(model.flow_loss(y, cond))
     losses = [float(model.point_loss(part, model.condition(part.energy, part.theta, part.phi),
-                                     _device_gen(g, val.device)))
+                                     _device_gen(g, val.device), teacher=teacher))
               for part in val.split(256) for _ in range(2)]
     return {"val_flow_loss": flow, "val_point_loss": sum(losses) / len(losses)}
 
 
-def _save_state(path: Path, model, ema, opt, gen, step, elapsed, fingerprint, provenance) -> None:
+def _save_state(path: Path, model, ema, opt, gen, step, elapsed, fingerprint, provenance,
+                target=None) -> None:
     payload = model_payload(ema, provenance=provenance)
     payload["training_state"] = {
         "step": step, "elapsed_s": elapsed, "model": model.state_dict(),
         "optimizer": opt.state_dict(), "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint}
+    if target is not None:
+        payload["training_state"]["target"] = target.state_dict()
     save_checkpoint(path, payload)
 
 

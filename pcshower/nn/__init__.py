@@ -2,5 +2,7 @@
 
 from pcshower.nn.epic import EPiCLayer, EPiCNetwork
 from pcshower.nn.pooling import segment_mean, segment_sum
+from pcshower.nn.transformer import InducedSetBlock, SetTransformer
 
-__all__ = ["EPiCLayer", "EPiCNetwork", "segment_mean", "segment_sum"]
+__all__ = ["EPiCLayer", "EPiCNetwork", "InducedSetBlock", "SetTransformer", "segment_mean",
+           "segment_sum"]
