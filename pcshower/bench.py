@@ -100,6 +100,8 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
     t_raw = time_call(raw, device, repeats)
     t_cal = time_call(calibrate, device, repeats)
     row = {"energy_gev": energy, "steps": steps, "batch": batch,
+           "objective": model.objective.name, "sampler": model.config["sampler"],
+           "network_calls": model.network_calls(steps),
            "points_per_shower": float(showers.num_points.float().mean()),
            "shape_ms": 1e3 * t_shape / batch,
            "points_ms": 1e3 * max(t_raw - t_shape, 0.0) / batch,
@@ -200,13 +202,15 @@ def markdown_table(result: dict) -> str:
     lines = [f"Device: {result['device']} ({result['device_type']}, {result['dtype']}), "
              f"torch {result['torch']}, geometry {result['geometry']}, theta {result['theta_deg']} deg, "
              f"median of {result['repeats']} after a warm-up.", "",
-             "| threads | E [GeV] | steps | batch | points/shower | shape | points | calibration "
-             "| projection | sum of stages | **generate() ms/shower** | peak host MiB | peak GPU MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| threads | E [GeV] | steps | network calls | batch | points/shower | shape | points "
+             "| calibration | projection | sum of stages | **generate() ms/shower** | peak host MiB "
+             "| peak GPU MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         gpu = f"{r['peak_device_mib']:.0f}" if r.get("peak_device_mib") is not None else "–"
         lines.append(
-            f"| {r.get('threads') or 'GPU'} | {r['energy_gev']:g} | {r['steps']} | {r['batch']} | "
+            f"| {r.get('threads') or 'GPU'} | {r['energy_gev']:g} | {r['steps']} | "
+            f"{r.get('network_calls', '–')} | {r['batch']} | "
             f"{r['points_per_shower']:.0f} | {r['shape_ms']:.3g} | {r['points_ms']:.3g} | "
             f"{r['calibration_ms']:.3g} | {r.get('projection_ms', float('nan')):.3g} | "
             f"{r['total_ms']:.3g} | **{r['end_to_end_ms']:.3g}** | {r['peak_host_mib']:.0f} | {gpu} |")

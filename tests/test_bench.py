@@ -41,12 +41,15 @@ def test_sweep_times_every_stage(tiny_model, tmp_path):
         assert stages == pytest.approx(row["total_ms"], rel=1e-6)
         assert row["end_to_end_ms"] > 0
         assert row["points_per_shower"] > 0 and row["threads"] == 1
+        # the tiny model is EDM + Heun: 2 N - 1 network calls for N steps
+        assert row["objective"] == "edm" and row["network_calls"] == 2 * row["steps"] - 1
         assert round(row["points_per_shower"] * row["batch"]) % 2 == 0  # the model splits x2
     assert [r["energy_gev"] for r in result["reference"]] == [20.0]
     assert result["reference"][0]["ms_per_shower"] > 0
     table = markdown_table(result)
     runs_table, reference_table = table.split("Reference simulator")
     assert runs_table.count("\n| 1 | 20 |") == 4 and reference_table.count("\n| 1 | 20 |") == 1
+    assert "| 1 | 20 | 2 | 3 | 4 |" in runs_table  # steps, network calls, batch
     png = plot_scaling(result, tmp_path / "scaling.png")
     assert png.stat().st_size > 10_000
 

@@ -43,7 +43,8 @@ def benchmark_generate(steps=(1, 8, 25), batch_sizes=(1, 16, 256), *, model=None
                     s = generate(energy, angle, **{**kw, "seed": r + 1})
                     times.append(time.perf_counter() - t0)
             per = sorted(t / n * 1e3 for t in times)
-            rows.append({"steps": n_steps, "batch_size": size, "showers": n,
+            rows.append({"steps": n_steps, "network_calls": net.network_calls(n_steps),
+                         "batch_size": size, "showers": n,
                          "ms_per_shower_best": round(per[0], 3),
                          "ms_per_shower_median": round(per[len(per) // 2], 3),
                          "points_per_shower": round(s.total_points / len(s), 1),
