@@ -147,3 +147,32 @@ def test_combine_puts_a_new_point_network_beside_a_flow(tmp_path, data):
     with pytest.raises(ValueError, match="tables must be"):
         combine_checkpoints(tmp_path / "fm" / "model.pt", tmp_path / "edm" / "model.pt",
                             tmp_path / "x.pt", tables="both")
+
+
+def test_model_card_and_the_approximate_tables_warning(tmp_path, data, capsys):
+    import warnings
+
+    from pcshower import generate
+    from pcshower.cli import main
+    from pcshower.io import write_parquet
+
+    path = tmp_path / "g4.parquet"
+    write_parquet(path, data, metadata={"generator": "geant4-approximate-lowenergy",
+                                        "engine": "geant4", "geant4_tables": "approx-v2",
+                                        "geant4_physics": "G4EmStandardPhysics_option1",
+                                        "stack": "ild", "seed": 5})
+    train({"model": _model_cfg("flow_matching", "epic"), "train": FAST}, path, tmp_path / "run",
+          progress=False)
+    model_path = tmp_path / "run" / "model.pt"
+    assert main(["info", str(model_path)]) == 0
+    card = capsys.readouterr().out
+    for text in ("flow_matching", "network_calls_per_shower  4", "approx-v2",
+                 "G4EmStandardPhysics_option1", "'showers': 40"):
+        assert text in card
+    with pytest.warns(UserWarning, match="approximate low-energy EM tables"):
+        generate(50.0, 60.0, geometry=None, n=1, model=str(model_path), steps=1, progress=False,
+                 allow_extrapolation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # once per model and process
+        generate(50.0, 60.0, geometry=None, n=1, model=str(model_path), steps=1, progress=False,
+                 allow_extrapolation=True)

@@ -12,11 +12,14 @@ __all__ = ["register", "describe"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="summarise a shower file (Parquet, directory or HDF5)",
+    p = subparsers.add_parser("info", help="summarise a shower file (Parquet, directory or HDF5) "
+                                           "or a model checkpoint",
                               description="Shower count, points per shower, condition ranges and "
                                           "metadata of a Parquet file or shard directory, a "
-                                          "CaloClouds-style or a CaloChallenge HDF5 file.")
-    p.add_argument("file", help="Parquet file, shard directory, or .h5/.hdf5 file")
+                                          "CaloClouds-style or a CaloChallenge HDF5 file; or, for "
+                                          "a model checkpoint (.pt), its objective, network calls "
+                                          "per shower and what it was trained on.")
+    p.add_argument("file", help="Parquet file, shard directory, .h5/.hdf5 file, or .pt model")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_info)
 
@@ -75,7 +78,12 @@ def describe(path: str) -> dict:
 
 
 def _info(args) -> int:
-    summary = describe(args.file)
+    if str(args.file).endswith(".pt"):
+        from pcshower.models.checkpoint import describe_model
+
+        summary = describe_model(args.file)
+    else:
+        summary = describe(args.file)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -19,7 +19,8 @@ import torch
 from pcshower.io._atomic import atomic_path
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_model", "checkpoint_state",
-           "combine_checkpoints", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+           "combine_checkpoints", "describe_model", "CheckpointError", "CHECKPOINT_FORMAT",
+           "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "pcshower-checkpoint"
 #: Bumped whenever the layout of the dict or the meaning of a weight changes.
@@ -234,3 +235,72 @@ def combine_checkpoints(points: str | os.PathLike, flow: str | os.PathLike,
         provenance["split_spread"] = table_prov["split_spread"]
     metrics = {"points": pb.get("metrics", {}), "flow": fb.get("metrics", {})}
     return save_checkpoint(out, model_payload(model, metrics=metrics, provenance=provenance))
+
+
+#: Data-provenance keys a model card names (from the training data's Parquet metadata).
+_DATA_KEYS = ("generator", "engine", "geant4_version", "geant4_physics", "geant4_tables",
+              "stack", "geometry_stack", "seed", "energy_gev", "theta_deg", "particle", "warning")
+
+
+def _training_parts(provenance: dict) -> dict:
+    """``{part: provenance}`` of the runs a checkpoint came from (one, or two when combined),
+    following a distilled model's start and a combination down to the data each part saw."""
+    if "combined" in provenance:
+        out = {}
+        for part, entry in provenance["combined"].items():
+            if isinstance(entry, dict) and "provenance" in entry:
+                out[part] = entry["provenance"]
+        return out
+    return {"model": provenance}
+
+
+def training_data(provenance: dict) -> list[dict]:
+    """The data provenance (Parquet metadata ``provenance``) of every run a model was trained
+    in, e.g. to see which engine and tables made its training showers."""
+    return [dict(((p.get("data_metadata") or {}).get("provenance") or {}))
+            for p in _training_parts(provenance or {}).values()]
+
+
+def describe_model(path: str | os.PathLike) -> dict:
+    """What ``pcshower info MODEL`` prints: the model's objective, backbone and sampler, its
+    network calls per shower, the conditions it was trained on and, per training run, the data
+    (engine, Geant4 version, physics list, tables, stack, number of showers)."""
+    import math
+
+    model = load_model(path)
+    body = model.checkpoint_info
+    cfg = model.config
+    lo_e, hi_e = model.energy_range
+    lo_t, hi_t = model.theta_range
+    prov = body.get("provenance", {}) or {}
+    summary = {
+        "file": str(path), "format": f"pcshower checkpoint {body.get('format_version')}",
+        "sha256": body.get("sha256"), "pcshower_version": body.get("pcshower_version"),
+        "objective": model.objective.name, "backbone": cfg["backbone"],
+        "sampler": cfg["sampler"], "steps": cfg["steps"],
+        "network_calls_per_shower": model.network_calls(),
+        "parameters": {"flow": sum(p.numel() for p in model.flow.parameters()),
+                       "point_network": sum(p.numel() for p in model.points_net.parameters())},
+        "energy_gev": [round(lo_e, 3), round(hi_e, 3)],
+        "theta_deg": [round(math.degrees(lo_t), 2), round(math.degrees(hi_t), 2)],
+        "particles": prov.get("particles", "not recorded"),
+        "split_factor": cfg["split"]["factor"],
+    }
+    if "teacher" in prov:
+        summary["distilled_from"] = prov["teacher"]
+    for part, p in _training_parts(prov).items():
+        meta = (p.get("data_metadata") or {})
+        data = dict(meta.get("provenance") or {})
+        entry = {"data": p.get("data_path", "in-memory showers"),
+                 "showers": meta.get("num_showers")}
+        entry.update({k: data[k] for k in _DATA_KEYS if k in data})
+        if "teacher" in p:
+            entry["distilled_from"] = p["teacher"].get("path")
+        summary[f"trained_on ({part})" if part != "model" else "trained_on"] = entry
+    metrics = body.get("metrics", {}) or {}
+    for part, m in (metrics.items() if "points" in metrics or "flow" in metrics
+                    else [("model", metrics)]):
+        if isinstance(m, dict) and "steps" in m:
+            summary[f"training ({part})" if part != "model" else "training"] = {
+                "steps": m["steps"], "seconds": m.get("train_time_s"), "device": m.get("device")}
+    return summary

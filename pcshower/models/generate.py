@@ -33,6 +33,27 @@ DEFAULT_BATCH_SIZE = 256
 #: must be accepted.
 _RANGE_TOLERANCE = 0.02
 
+#: Digests of the models whose approximate-table warning was given (once per model and process).
+_TABLES_WARNED: set = set()
+
+
+def _warn_approximate_tables(info: dict) -> None:
+    """Warn once per model when it learned from Geant4 run with approximate low-energy tables
+    (the engine labels such files ``geant4_tables: approx-...``; docs/geant4.md)."""
+    from pcshower.models.checkpoint import training_data
+
+    key = info.get("sha256") or info.get("path")
+    if key in _TABLES_WARNED:
+        return
+    labels = sorted({str(d["geant4_tables"]) for d in training_data(info.get("provenance", {}))
+                     if str(d.get("geant4_tables", "")).startswith("approx")})
+    if labels:
+        _TABLES_WARNED.add(key)
+        warnings.warn(f"model {info.get('path', '')} was trained on Geant4 showers simulated with "
+                      f"approximate low-energy EM tables ({', '.join(labels)}; no Geant4 data "
+                      "sets installed): its sampling fraction and resolution carry that "
+                      "several-percent systematic (docs/geant4.md)", stacklevel=4)
+
 
 def default_model_path() -> Path:
     """Path of the default checkpoint shipped inside the package."""
@@ -280,6 +301,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     # that azimuth; the showers keep the requested phi for their placement
     cond_phi = phi_range[0] if phi_range and phi_range[1] - phi_range[0] < 1e-9 else None
     info = getattr(net, "checkpoint_info", {}) or {}
+    _warn_approximate_tables(info)
     meta = {"generator": "pcshower.generate", "seed": int(seed),
             "steps": int(steps or net.config["steps"]), "sampler": sampler or net.config["sampler"],
             "model": info.get("path", "in-memory model"),
