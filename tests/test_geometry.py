@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -431,9 +434,12 @@ def test_cli_projects_to_calochallenge_hdf5_in_voxel_order(tmp_path, capsys):
                  "--out", str(tmp_path / "out.h5")]) == 0
     inc, vox = read_calochallenge(tmp_path / "out.h5")
     assert vox.shape == (2, 6480) and inc.ravel().tolist() == [10000.0, 20000.0]
-    grid = vox.reshape(2, 45, 16, 9)  # CaloChallenge: (N, layer, alpha, r)
+    grid = vox.reshape(2, 45, 16, 9) * 0.033  # (N, layer, alpha, r); DS2 stores Si MeV / 0.033
     assert grid[0, 2, 4, 3] == pytest.approx(5.0) and grid[0].sum() == pytest.approx(5.0)
     assert grid[1, 44, 15, 0] == pytest.approx(2.0) and grid[1].sum() == pytest.approx(2.0)
+    with h5py.File(tmp_path / "out.h5") as f:
+        meta = json.loads(f.attrs["pcshower"])
+    assert meta["energy_scale"] == pytest.approx(1 / 0.033) and "0.033" in meta["energy_convention"]
     assert main(["project", str(tmp_path / "in.parquet"), "--geometry", "ild",
                  "--out", str(tmp_path / "out.h5")]) == 2
     assert "needs a CaloChallenge geometry" in capsys.readouterr().err
@@ -489,3 +495,45 @@ def test_sum_per_cell_equals_unique_in_every_path(max_cell):
     assert torch.equal(cell_id, uniq % max_cell)
     torch.testing.assert_close(summed, expected, rtol=1e-12, atol=0)
     assert ptr.tolist() == [0] + torch.cumsum(torch.bincount(uniq // max_cell, minlength=n), 0).tolist()
+
+
+def test_calochallenge_energy_convention():
+    """Datasets 2 and 3 store Si deposits / 0.033 (CaloChallenge code/evaluate.py); others the
+    visible energy. pcshower's evaluation reads them back to visible energy."""
+    from pcshower.evaluate.report import sample_from_calochallenge, sample_from_hits
+
+    ds2, ild = load_geometry("calochallenge_ds2"), load_geometry("ild")
+    assert ds2.calochallenge_energy_scale == pytest.approx(1 / 0.033)
+    assert load_geometry("calochallenge_ds3").calochallenge_energy_scale == pytest.approx(1 / 0.033)
+    assert ild.calochallenge_energy_scale == 1.0
+    assert ds2.summary()["calochallenge_energy_scale"] == pytest.approx(30.303, rel=1e-4)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.stack([torch.randn(400, generator=g) * 5, torch.randn(400, generator=g) * 5,
+                       torch.rand(400, generator=g) * 150, torch.rand(400, generator=g)], 1)
+    showers = Showers.from_counts(pts, torch.tensor([150, 250]), energy=[10.0, 20.0],
+                                  frame="detector")
+    hits = ds2.project(showers, generator=torch.Generator().manual_seed(1))
+    vox = ds2.calochallenge_voxels(hits)
+    assert torch.allclose(vox.sum(1), hits.to_dense().double().sum(1) / 0.033)
+    cond = {"energy": showers.energy, "theta": torch.zeros(2), "phi": torch.zeros(2)}
+    back = sample_from_calochallenge(showers.energy.numpy() * 1000, vox.numpy(), ds2, name="file",
+                                     progress=False)
+    direct = sample_from_hits(hits, cond, ds2, name="hits", threshold_mev=0.0005, progress=False)
+    assert back.settings["threshold_mev"] == pytest.approx(0.0005, rel=1e-3)  # 0.5 keV visible
+    for key in ("visible_energy", "num_hits"):
+        assert torch.allclose(back.observables.scalars[key], direct.observables.scalars[key],
+                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("section, match", [("{energy_scale: -1}", "positive number"),
+                                            ("{energy_scale: 2, units: GeV}", "unknown key")])
+def test_calochallenge_section_is_validated(tmp_path, section, match):
+    text = (Path(load_geometry("calochallenge_ds2").path).read_text()
+            .replace("calochallenge:\n", "calochallenge_old:\n", 1))
+    text = "\n".join(line for line in text.splitlines()
+                      if not line.startswith(("calochallenge_old:", "  energy_scale:", "  note:",
+                                              "    CaloChallenge datasets 2/3")))
+    path = tmp_path / "g.yaml"
+    path.write_text(text + f"\ncalochallenge: {section}\n")
+    with pytest.raises(GeometryError, match=f"calochallenge.*{match}"):
+        load_geometry(path)

@@ -268,15 +268,20 @@ def sample_from_hits(hits: CellHits, conditions: dict, geometry, *, name: str,
 def sample_from_calochallenge(incident_energies_mev, showers_mev, geometry, *, name: str,
                               threshold_mev: float | None = None, **kwargs) -> EvaluationSample:
     """Evaluation sample from CaloChallenge arrays (``incident_energies`` [N] and voxel energies
-    [N, V], MeV, in the geometry's voxel order). The default threshold is the CaloChallenge
-    per-voxel threshold of 15.15 keV when the geometry is a CaloChallenge one, else half a MIP."""
-    vox = torch.as_tensor(np.asarray(showers_mev), dtype=torch.float32)
+    [N, V], MeV, in the geometry's voxel order and its CaloChallenge energy convention, e.g.
+    Si deposits / 0.033 for datasets 2 and 3). The voxels are brought back to visible energy
+    (divided by ``geometry.calochallenge_energy_scale``), so that they compare with pcshower's
+    cell hits. The default threshold is the CaloChallenge per-voxel threshold (15.15 keV in the
+    files' units: 0.5 keV visible for datasets 2 and 3) when the geometry is a CaloChallenge
+    one, else half a MIP."""
+    scale = float(getattr(geometry, "calochallenge_energy_scale", 1.0))
+    vox = torch.as_tensor(np.asarray(showers_mev), dtype=torch.float32) / scale
     if vox.ndim != 2 or vox.shape[1] != geometry.num_cells:
         raise ValueError(f"CaloChallenge showers have {tuple(vox.shape)} voxels per shower but "
                          f"geometry {geometry.name!r} has {geometry.num_cells} cells: pick the "
                          "matching --geometry (calochallenge_ds1_photons, calochallenge_ds2, …)")
     if threshold_mev is None:
-        threshold_mev = 0.01515 if "calochallenge" in str(geometry.name) else None
+        threshold_mev = 0.01515 / scale if "calochallenge" in str(geometry.name) else None
     hits = CellHits.from_dense(vox, geometry=geometry.name)
     inc = torch.as_tensor(np.asarray(incident_energies_mev), dtype=torch.float64).reshape(-1)
     cond = {"energy": inc / GEV_TO_MEV, "theta": torch.zeros(len(inc)), "phi": torch.zeros(len(inc))}

@@ -97,7 +97,7 @@ def _project(args) -> int:
         for batch in io.iter_parquet(args.input, batch_size=args.batch_size):
             hits = geo.project(batch, generator=generator, fluctuate=not args.no_fluctuations)
             if to_hdf5:
-                dense.append(hits.to_dense())
+                dense.append(geo.calochallenge_voxels(hits))
                 energies.append(batch.energy.double() * 1000.0)
             else:
                 parts.append(hits)
@@ -108,6 +108,7 @@ def _project(args) -> int:
     meta = {"generator": "pcshower project", "geometry": geo.name, "seed": args.seed,
             "fluctuate": not args.no_fluctuations, "input": str(args.input)}
     if to_hdf5:
+        meta.update(geo.calochallenge_metadata())
         io.write_calochallenge(out, torch.cat(energies), torch.cat(dense), metadata=meta)
     else:
         hits = parts[0] if len(parts) == 1 else _concat_hits(parts)

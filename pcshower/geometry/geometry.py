@@ -87,6 +87,8 @@ class Geometry:
     def __init__(self, spec: GeometrySpec):
         self.spec = spec
         self.name, self.title, self.source, self.path = spec.name, spec.title, spec.source, spec.path
+        #: CaloChallenge voxel energy per visible MeV (the datasets' convention), 1 without one
+        self.calochallenge_energy_scale = (spec.calochallenge or {}).get("energy_scale", 1.0)
         kind = spec.readout["kind"]
         groups = inclined_stack_groups(spec.readout) if kind == "inclined" else spec.stack
         self.stack, self._active_to_layer, self.layer_span_mm = _build_stack(groups, spec.name)
@@ -129,6 +131,19 @@ class Geometry:
                                            dtype=torch.float64)
 
     # ------------------------------------------------------------------ description
+    def calochallenge_voxels(self, hits: CellHits) -> torch.Tensor:
+        """``[B, num_cells]`` float64: the hits as a CaloChallenge ``showers`` array in this
+        geometry's convention (``calochallenge.energy_scale`` of its YAML: the datasets' voxel
+        energy per visible MeV; 1 for geometries without one)."""
+        return hits.to_dense().double() * float(self.calochallenge_energy_scale)
+
+    def calochallenge_metadata(self) -> dict:
+        """What a CaloChallenge file written with :meth:`calochallenge_voxels` records about its
+        energy scale."""
+        note = (self.spec.calochallenge or {}).get("note") or "visible (active-layer) energy"
+        return {"energy_scale": float(self.calochallenge_energy_scale),
+                "energy_convention": note, "geometry": self.name}
+
     def __repr__(self) -> str:
         return (f"Geometry({self.name!r}, readout={self.readout.kind}, layers={self.num_layers}, "
                 f"cells={self.num_cells}, depth={self.stack.total_x0:.2f} X0)")
@@ -141,6 +156,8 @@ class Geometry:
         if self.modules is not None:
             out["modules"] = len(self.modules)
         out["source"] = self.source
+        if self.spec.calochallenge:
+            out["calochallenge_energy_scale"] = self.calochallenge_energy_scale
         return out
 
     def cell_layer(self, cell_id) -> torch.Tensor:

@@ -61,6 +61,9 @@ class GeometrySpec:
     stack: list[StackGroup]
     readout: dict[str, Any]
     placement: dict[str, dict[str, Any]]
+    #: CaloChallenge export convention: ``{"energy_scale": factor, "note": text}`` (voxel energy
+    #: = factor x visible energy), or None for geometries without one
+    calochallenge: dict[str, Any] | None = None
 
 
 _MISSING = object()
@@ -148,7 +151,7 @@ def parse_geometry(text_or_dict: str | dict, where: str) -> GeometrySpec:
     else:
         doc = text_or_dict
     doc = c.mapping(doc, "(top level)")
-    known = {"name", "title", "source", "stack", "readout", "placement"}
+    known = {"name", "title", "source", "stack", "readout", "placement", "calochallenge"}
     unknown = sorted(set(doc) - known)
     if unknown:
         c.fail(unknown[0], f"unknown key; expected one of {', '.join(sorted(known))}")
@@ -160,8 +163,17 @@ def parse_geometry(text_or_dict: str | dict, where: str) -> GeometrySpec:
         c.fail("readout", "missing required key (expected a mapping with 'kind')")
     readout = _parse_readout(c, c.mapping(doc["readout"], "readout"))
     placement = _parse_placement(c, doc.get("placement"), readout["kind"])
+    calochallenge = None
+    if "calochallenge" in doc:
+        raw = c.mapping(doc["calochallenge"], "calochallenge")
+        extra = sorted(set(raw) - {"energy_scale", "note"})
+        if extra:
+            c.fail(f"calochallenge.{extra[0]}", "unknown key; expected energy_scale, note")
+        calochallenge = {"energy_scale": float(c.get(raw, "energy_scale", "calochallenge",
+                                                     "positive number")),
+                         "note": c.get(raw, "note", "calochallenge", "str", default="")}
     spec = GeometrySpec(name=name, title=title, source=source, path=where, stack=stack,
-                        readout=readout, placement=placement)
+                        readout=readout, placement=placement, calochallenge=calochallenge)
     _cross_check(c, spec)
     return spec
 

@@ -273,8 +273,13 @@ def _generate(args) -> int:
         if hits.num_cells > 200_000:
             raise ValueError(f"geometry {args.geometry!r} has {hits.num_cells} cells: too many for "
                              f"dense CaloChallenge voxels; write .parquet (sparse hits) instead")
+        from pcshower.geometry import load_geometry
+
+        geo = load_geometry(geometry)
         write_calochallenge(out, showers.energy.cpu().numpy() * 1000.0,
-                            hits.to_dense().cpu().numpy())
+                            geo.calochallenge_voxels(hits).cpu().numpy(),
+                            metadata={"generator": "pcshower generate",
+                                      **geo.calochallenge_metadata()})
         written = [out]
         count = len(showers)
     print(f"wrote {count} showers to {', '.join(map(str, written))}")
