@@ -309,16 +309,16 @@ class ShowerModel(nn.Module):
         showers with conditions ``cond``, point index ``batch`` and point counts ``counts``;
         ``shape_y`` the :meth:`shape_context` (required with ``epic.shape_embed``)."""
         ln_n = (counts.float().clamp(min=1).log() - self.norm.cond_stats[4]) / self.norm.cond_stats[5]
-        fixed = [cond, None, ln_n[:, None]]
+        after = [ln_n[:, None]]  # the conditioning vector: cond, time, ln N[, shape embedding]
         if self.shape_embed is not None:
             if shape_y is None:
                 raise ValueError("this model's point network is conditioned on the shower shape "
                                  "(epic.shape_embed): pass shape_y")
-            fixed.append(self.shape_embed(shape_y.to(cond.dtype)))
+            after.append(self.shape_embed(shape_y.to(cond.dtype)))
 
         def net(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            fixed[1] = t[:, None].to(x_in.dtype)
-            return self.points_net(x_in, torch.cat(fixed, 1), batch, counts)
+            full = torch.cat([cond, t[:, None].to(x_in.dtype), *after], 1)
+            return self.points_net(x_in, full, batch, counts)
 
         return net
 
