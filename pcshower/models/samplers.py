@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["karras_sigmas", "sample_euler", "sample_heun", "SAMPLERS", "network_calls", "ode_euler",
-           "ode_midpoint", "ode_heun", "ODE_SOLVERS"]
+           "ode_midpoint", "ode_heun", "ODE_SOLVERS", "sample_consistency"]
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -103,3 +103,17 @@ def ode_heun(velocity: Callable, x: torch.Tensor, ts: torch.Tensor) -> torch.Ten
 
 
 ODE_SOLVERS = {"euler": ode_euler, "midpoint": ode_midpoint, "heun": ode_heun}
+
+
+# --------------------------------------------------------------------------- consistency models
+def sample_consistency(consistency_fn: Callable, x: torch.Tensor, levels: torch.Tensor,
+                       sigma_min: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Multistep consistency sampling (Song et al. arXiv:2303.01469, Algorithm 1): ``x`` is
+    noise at ``levels[0]``; :math:`x \leftarrow f(x, \tau_0)`, then for each further level
+    re-noise :math:`x + \sqrt{\tau^2 - \sigma_\min^2}\, z` and apply :math:`f` again.
+    ``consistency_fn(x, sigma)`` with ``sigma`` a 0-d tensor; one call per level."""
+    x = consistency_fn(x, levels[0])
+    for tau in levels[1:]:
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        x = consistency_fn(x + (tau ** 2 - sigma_min ** 2).sqrt() * z, tau)
+    return x

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from pcshower.models.objectives.edm import check_sampler
-from pcshower.models.samplers import karras_sigmas
+from pcshower.models.samplers import karras_sigmas, sample_consistency
 
 __all__ = ["Consistency"]
 
@@ -142,12 +142,11 @@ class Consistency:
         dev = batch.device
         levels = self.sample_levels(steps, dev)
         x = torch.randn(shape, generator=generator, device=dev) * levels[0]
-        x = self.function(net, x, levels[0].expand(n_showers), batch)
-        for tau in levels[1:]:
-            z = torch.randn(shape, generator=generator, device=dev)
-            x = x + (tau ** 2 - self.sigma_min ** 2).sqrt() * z
-            x = self.function(net, x, tau.expand(n_showers), batch)
-        return x
+
+        def consistency_fn(x, sigma):
+            return self.function(net, x, sigma.expand(n_showers), batch)
+
+        return sample_consistency(consistency_fn, x, levels, self.sigma_min, generator)
 
 
 def _heun_step(denoiser, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor,
