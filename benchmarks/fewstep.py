@@ -67,8 +67,13 @@ def _models(specs: list[str]) -> dict:
     return out
 
 
+def _settings(objective: str, only: set | None) -> list:
+    """The (sampler, steps) settings of an objective, restricted to ``only`` when given."""
+    return [s for s in SETTINGS[objective] if only is None or s in only]
+
+
 def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int,
-            max_calls: int) -> dict:
+            max_calls: int, only: set | None = None) -> dict:
     torch.set_num_threads(1)
     result = _load_json(json_path)
     done = {(q["model"], q["sampler"], q["steps"]) for q in result["quality"]}
@@ -83,7 +88,7 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
                   geometry="ild")
     for name, path in models.items():
         model = load_model(path)
-        for sampler, steps in SETTINGS[model.objective.name]:
+        for sampler, steps in _settings(model.objective.name, only):
             calls = model.network_calls(steps, sampler)
             if (name, sampler, steps) in done or calls > max_calls:
                 continue
@@ -118,6 +123,16 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
     return result
 
 
+def _parse_settings(text: str) -> set:
+    out = set()
+    for item in text.split(","):
+        sampler, sep, steps = item.strip().partition(":")
+        if not sep or not steps.isdigit():
+            raise argparse.ArgumentTypeError(f"settings are SAMPLER:STEPS, got {item!r}")
+        out.add((sampler, int(steps)))
+    return out
+
+
 def _best_ms(fn, n: int, repeat: int = 3) -> float:
     fn()  # warm-up
     times = []
@@ -129,7 +144,7 @@ def _best_ms(fn, n: int, repeat: int = 3) -> float:
 
 
 def speed(models: dict, json_path: Path, batch_sizes=(1, 16), n: int = 16,
-          geant4_showers: int = 8) -> dict:
+          geant4_showers: int = 8, only: set | None = None) -> dict:
     """ms/shower of ``generate()`` per (model, sampler, steps, batch), and of the two engines."""
     from pcshower import generate
     from pcshower.simulate import simulate
@@ -147,7 +162,7 @@ def speed(models: dict, json_path: Path, batch_sizes=(1, 16), n: int = 16,
     print(json.dumps(engines), flush=True)
     for name, path in models.items():
         model = load_model(path)
-        for sampler, steps in SETTINGS[model.objective.name]:
+        for sampler, steps in _settings(model.objective.name, only):
             for b in batch_sizes:
                 ms = _best_ms(lambda: generate(energy, theta, geometry=None, n=n, steps=steps,
                                                sampler=sampler, model=model, batch_size=b, seed=0,
@@ -222,7 +237,11 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--max-calls", type=int, default=31)
     q.add_argument("--json", type=Path, required=True)
+    q.add_argument("--settings", type=_parse_settings, default=None,
+                   help="only these SAMPLER:STEPS settings, comma-separated (default: all of "
+                        "each objective's)")
     s = sub.add_parser("speed")
+    s.add_argument("--settings", type=_parse_settings, default=None)
     s.add_argument("--json", type=Path, required=True)
     s.add_argument("--model", action="append", default=None,
                    help="NAME=CHECKPOINT (default: the models of the JSON's quality rows)")
@@ -232,11 +251,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "quality":
         quality(_models(args.model), args.reference, args.n_gen, args.json, args.seed,
-                args.max_calls)
+                args.max_calls, args.settings)
     elif args.cmd == "speed":
         models = (_models(args.model) if args.model else
                   {q["model"]: q["checkpoint"] for q in _load_json(args.json)["quality"]})
-        speed(models, args.json)
+        speed(models, args.json, only=args.settings)
     else:
         plot(args.json, args.out)
     return 0
