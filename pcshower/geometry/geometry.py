@@ -383,15 +383,27 @@ class Geometry:
         impact_u = expand(frames.impact_uv[:, 0].contiguous())
         impact_v = expand(frames.impact_uv[:, 1].contiguous())
         slab = active = None
+        tilted = False
         if physics:
             from pcshower.physics.sampling import depth_x0_to_mm, to_active_layers
 
             # the effective-medium scales folded into the rotation: one multiply per term
             rm, x0 = self.rm_eff_mm, self.x0_eff_mm
-            du = _dot3(r[0] * rm, r[1] * rm, r[2] * x0, x, y, z)  # offset from the impact point
-            dv = _dot3(r[3] * rm, r[4] * rm, r[5] * x0, x, y, z)
-            normal_x0 = _dot3(r[6] * (rm / x0), r[7] * (rm / x0), r[8], x, y, z)
-            w, slab = depth_x0_to_mm(normal_x0, self.stack, return_slab=True)
+            # the shower axis is a straight line in mm: its point at axial depth z (X0) lies at
+            # the layered stack's normal depth d = depth_x0_to_mm(z cos(theta)) and has drifted
+            # d tan(theta) along the face. The equivalent medium's z X0_eff sin(theta) instead put
+            # oblique showers up to ~3 mm behind along the tilt where the local mm per X0
+            # differs from the stack's mean (ILD's thin-absorber first section at 30-45 deg).
+            # The transverse offset (R_M of the equivalent medium) adds to it in mm.
+            tilted = not (_all_zero(r[2]) and _all_zero(r[5]))
+            axis_depth, slab = depth_x0_to_mm(r[8] * z, self.stack, return_slab=True)
+            axis_mm = axis_depth / r[8]  # path length along the axis
+            du = _dot3(r[0] * rm, r[1] * rm, r[2], x, y, axis_mm)  # offset from the impact point
+            dv = _dot3(r[3] * rm, r[4] * rm, r[5], x, y, axis_mm)
+            w = axis_depth
+            if tilted:
+                w = _dot3(r[6] * rm, r[7] * rm, 1.0, x, y, axis_depth)
+                slab = None  # w is no longer the looked-up depth
         else:
             du, dv, w = x, y, z
         # [P, 3] view of a [3, P] block (stacking rows is several times cheaper than columns)
@@ -409,6 +421,10 @@ class Geometry:
                                                fluctuate=fluctuate, generator=generator, slab=slab,
                                                **kappa)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
+            if tilted and self.readout.kind != "inclined":
+                du, dv, w = self._onto_sensor(local, du, dv, w, depth, active, r[2] / r[8],
+                                              r[5] / r[8], module if handed_over else None,
+                                              frames.module, batch)
         else:
             visible, layer = energy, self._layer_of_depth(depth)
         if self.readout.kind == "inclined":
@@ -436,6 +452,34 @@ class Geometry:
         keep = inside & (layer >= 0) & (cell >= 0) & (visible > 0)
         return _Placed(batch, frames, du, dv, w, local, module, depth, energy, active, layer,
                        visible, cell, inside, keep)
+
+    def _onto_sensor(self, local, du, dv, w, depth, active, tan_u, tan_v, module, shower_module,
+                     batch):
+        """Move every sampled point of a tilted physics-frame shower along the shower's direction
+        onto the middle plane of the active slab that sees it, as the shower's particles cross
+        the sensor there (the readout records them where they cross it; the parametrised
+        engine's detector frame and Geant4's hits do the same). Along the normal instead, an
+        oblique shower's deposits would stay (depth of the deposit - depth of the sensor) x
+        tan(theta) behind along the tilt: ~1.3 mm x tan(theta) in ILD. ``local`` is updated in
+        place; returns the new ``(du, dv, w)``. Points handed over to another stave
+        (``module`` differs from their shower's) stay where they are."""
+        from pcshower.physics.sampling import sampling_layers
+
+        dev = depth.device
+        centre = torch.as_tensor(sampling_layers(self.stack).active_center_mm,
+                                 dtype=torch.float64, device=dev)
+        shift = torch.where(active >= 0, centre.index_select(0, active.clamp_min(0)) - depth,
+                            torch.zeros((), dtype=torch.float64, device=dev))
+        if module is not None:
+            same = module == shower_module.to(dev).index_select(0, batch)
+            shift = torch.where(same, shift, torch.zeros((), dtype=torch.float64, device=dev))
+        du = du + shift * tan_u
+        dv = dv + shift * tan_v
+        w = w + shift
+        local[:, 0] += shift * tan_u
+        local[:, 1] += shift * tan_v
+        local[:, 2] += shift
+        return du, dv, w
 
     def _into_active_slab(self, p: "_Placed", idx: torch.Tensor):
         """``(du, dv, w)`` of the points ``idx`` moved along their sampling depth to the middle
@@ -546,6 +590,13 @@ def _build_stack(groups, name: str):
                 layer += 1
     return (Stack(tuple(slabs), name), np.asarray(active_to_layer, dtype=np.int64),
             np.asarray(spans, dtype=np.float64).reshape(-1, 2))
+
+
+def _all_zero(value) -> bool:
+    """Whether a per-point column (or a scalar shared by all points) is zero everywhere."""
+    if isinstance(value, torch.Tensor):
+        return bool((value == 0).all())
+    return value == 0
 
 
 def _dot3(a, b, c, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
