@@ -226,6 +226,46 @@ def plot(json_path: Path, out: Path) -> Path:
     return out
 
 
+def table(json_path: Path) -> str:
+    """The comparison as a Markdown table: one row per (model, sampler, steps), with
+    ms/shower at batch 1 and 16 where the speed run measured them."""
+    result = _load_json(json_path)
+    speed_rows = {(r["model"], r["sampler"], r["steps"], r["batch"]): r["ms_per_shower"]
+                  for r in result.get("speed", {}).get("rows", [])}
+    lines = ["| model | sampler | steps | network calls | GBDT AUC (floor) | worst W1/floor "
+             "| median W1/floor | worst observable | ms/shower batch 1 | batch 16 |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for q in sorted(result["quality"], key=lambda q: (q["model"], q["network_calls"])):
+        ms = [speed_rows.get((q["model"], q["sampler"], q["steps"], b)) for b in (1, 16)]
+        lines.append(
+            f"| {q['model']} | {q['sampler']} | {q['steps']} | {q['network_calls']} | "
+            f"{q['auc']:.3f} ({q['auc_floor']:.3f}) | {q['w1_ratio_max']:.1f} | "
+            f"{q['w1_ratio_median']:.2f} | {(q['worst_w1'] or ['–'])[0]} | "
+            + " | ".join("–" if m is None else f"{m:.0f}" for m in ms) + " |")
+    s = result.get("speed", {})
+    if s:
+        lines += ["", f"Same run, one thread, {s['energy_gev']:g} GeV ILD photons: the Geant4 engine "
+                      f"{s['geant4_ms_per_shower']:.0f} ms/shower ({s['geant4_showers']} showers), "
+                      f"the parametrised engine {s['parametrised_ms_per_shower']:.1f} ms/shower."]
+    return "\n".join(lines)
+
+
+def merge(out: Path, parts: list[Path]) -> dict:
+    """One JSON from quality runs made apart (same reference and seed), e.g. in parallel."""
+    result = _load_json(out)
+    for part in parts:
+        other = _load_json(part)
+        known = {(q["model"], q["sampler"], q["steps"]) for q in result["quality"]}
+        for key in ("reference", "n_generated", "n_reference", "geometry"):
+            if key in other and result.get(key, other[key]) != other[key]:
+                raise SystemExit(f"{part}: {key} {other[key]!r} differs from {result[key]!r}")
+            result.setdefault(key, other.get(key))
+        result["quality"] += [q for q in other["quality"]
+                              if (q["model"], q["sampler"], q["steps"]) not in known]
+    _save_json(out, result)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,6 +288,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("plot")
     p.add_argument("json", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("table")
+    t.add_argument("json", type=Path)
+    m = sub.add_parser("merge", help="add the quality rows of other JSON files to JSON")
+    m.add_argument("json", type=Path)
+    m.add_argument("parts", type=Path, nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "quality":
         quality(_models(args.model), args.reference, args.n_gen, args.json, args.seed,
@@ -256,8 +301,12 @@ def main(argv=None) -> int:
         models = (_models(args.model) if args.model else
                   {q["model"]: q["checkpoint"] for q in _load_json(args.json)["quality"]})
         speed(models, args.json, only=args.settings)
-    else:
+    elif args.cmd == "plot":
         plot(args.json, args.out)
+    elif args.cmd == "table":
+        print(table(args.json))
+    else:
+        merge(args.json, args.parts)
     return 0
 
 
