@@ -63,7 +63,7 @@ def _grid(text: str) -> tuple:
     return grid
 
 
-def make_data(out: str, n: int, seed: int, grids: list[tuple]) -> Showers:
+def make_data(out: str, n: int, seed: int, grids: list[tuple], tune: str = "published") -> Showers:
     stack = load_geometry("ild").stack
     g = torch.Generator().manual_seed(seed)
     energy = ENERGY_GEV[0] + (ENERGY_GEV[1] - ENERGY_GEV[0]) * torch.rand(n, generator=g, dtype=torch.float64)
@@ -71,13 +71,15 @@ def make_data(out: str, n: int, seed: int, grids: list[tuple]) -> Showers:
                           * torch.rand(n, generator=g, dtype=torch.float64))
     chunks = []
     for i, a in enumerate(tqdm(range(0, n, CHUNK), desc="simulate", unit="chunk")):
-        sh = simulate_parametrised(energy[a:a + CHUNK], 0.0, 0.0, "photon", stack, seed=seed * 1000 + i)
+        sh = simulate_parametrised(energy[a:a + CHUNK], 0.0, 0.0, "photon", stack,
+                                   seed=seed * 1000 + i, tune=tune)
         for grid in grids:
             sh = reduce_points(sh, grid)
         chunks.append(sh._replace(theta=theta[a:a + CHUNK], metadata={}))
     showers = Showers.concat(chunks)
     write_parquet(out, showers, metadata={
-        "generator": "pcshower-parametrised-gflash", "seed": seed, "geometry_stack": "ild",
+        "generator": "pcshower-parametrised-gflash", "tune": str(tune), "seed": seed,
+        "geometry_stack": "ild",
         "grids": [list(g) for g in grids], "energy_gev": list(ENERGY_GEV),
         "theta_deg": list(THETA_DEG), "particle": "photon"})
     print(f"{out}: {len(showers)} showers, {float(showers.num_points.double().mean()):.0f} points per shower")
@@ -145,6 +147,10 @@ def main(argv=None) -> None:
     d.add_argument("--n", type=int, required=True)
     d.add_argument("--seed", type=int, required=True)
     d.add_argument("--grid", type=_grid, nargs="*", default=[], help="reduction grids, applied in turn")
+    d.add_argument("--tune", default="published",
+                   help="the engine's coefficients: published (Grindhammer & Peters, what the "
+                        "shipped model was trained on; the default, so the recipe reproduces its "
+                        "data), auto (the stack's shipped Geant4 tune) or a tune file")
     e = sub.add_parser("evaluate", help="a model against the reference on ILD cells")
     e.add_argument("model")
     e.add_argument("reference")
@@ -165,7 +171,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.command == "data":
-        make_data(a.out, a.n, a.seed, a.grid)
+        make_data(a.out, a.n, a.seed, a.grid, a.tune)
     elif a.command == "evaluate":
         evaluate_model(a.model, a.reference, a.n_gen, a.steps, a.out, a.seed)
     else:

@@ -73,7 +73,11 @@ def _settings(objective: str, only: set | None) -> list:
 
 
 def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int,
-            max_calls: int, only: set | None = None) -> dict:
+            max_calls: int, only: set | None = None, shape_grid: tuple | None = None) -> dict:
+    """Fidelity of each model at each setting. ``shape_grid``: instead of the flow's sample, give
+    every generated shower the shape (point count, slice and ring fractions, E_vis, CoG) of its
+    conditioning shower merged on this grid (the models' training grid): a test of the point
+    network and calibration alone, for point networks trained on other data than their flow."""
     torch.set_num_threads(1)
     result = _load_json(json_path)
     done = {(q["model"], q["sampler"], q["steps"]) for q in result["quality"]}
@@ -81,6 +85,10 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
     if len(showers) <= n_gen:
         raise SystemExit(f"{reference} holds {len(showers)} showers: need more than --n-gen {n_gen}")
     cond, ref = showers[:n_gen], showers[n_gen:]
+    if shape_grid is not None:
+        from pcshower.simulate.reduce import reduce_points
+
+        cond = reduce_points(cond, shape_grid)
     geometry = load_geometry("ild")
     ref_sample = sample_from_showers(ref, name="reference", geometry=geometry, seed=seed + 1)
     del showers, ref
@@ -95,7 +103,8 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
             g = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()
             parts = [model.sample(b.energy, b.theta, torch.zeros(len(b)), steps=steps,
-                                  sampler=sampler, generator=g)
+                                  sampler=sampler, generator=g,
+                                  shape=None if shape_grid is None else model.codec.measure_showers(b))
                      for b in tqdm(cond.split(250), desc=f"{name} {sampler} {steps}", unit="batch")]
             gen = Showers.concat(parts)
             t_gen = time.perf_counter() - t0
@@ -110,6 +119,7 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
             row = {"model": name, "checkpoint": str(path), "objective": model.objective.name,
                    "backbone": model.config["backbone"], "sampler": sampler, "steps": steps,
                    "network_calls": calls, "generation_s": round(t_gen, 1),
+                   "shapes": "flow" if shape_grid is None else f"conditioning showers on {shape_grid}",
                    "auc": auc.get("auc"), "auc_floor": auc.get("floor_auc"),
                    "w1_ratio_max": summary.get("w1_ratio_max"),
                    "w1_ratio_median": summary.get("w1_ratio_median"),
@@ -121,6 +131,16 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
             result["quality"].append(row)
             _save_json(json_path, result)
     return result
+
+
+def _grid(text: str) -> tuple:
+    try:
+        grid = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) <= 0:
+        raise argparse.ArgumentTypeError(f"a grid is three positive numbers DX,DY,DZ, got {text!r}")
+    return grid
 
 
 def _parse_settings(text: str) -> set:
@@ -277,6 +297,9 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--max-calls", type=int, default=31)
     q.add_argument("--json", type=Path, required=True)
+    q.add_argument("--shapes-from-grid", type=_grid, default=None,
+                   help="DX,DY,DZ: shapes of the conditioning showers merged on this grid instead "
+                        "of the flow's (tests the point network alone)")
     q.add_argument("--settings", type=_parse_settings, default=None,
                    help="only these SAMPLER:STEPS settings, comma-separated (default: all of "
                         "each objective's)")
@@ -296,7 +319,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "quality":
         quality(_models(args.model), args.reference, args.n_gen, args.json, args.seed,
-                args.max_calls, args.settings)
+                args.max_calls, args.settings, args.shapes_from_grid)
     elif args.cmd == "speed":
         models = (_models(args.model) if args.model else
                   {q["model"]: q["checkpoint"] for q in _load_json(args.json)["quality"]})
