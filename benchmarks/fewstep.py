@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from pcshower.data import Showers
-from pcshower.evaluate.report import compare_samples, sample_from_showers, summarise
+from pcshower.evaluate.report import compare_samples, sample_from_showers
 from pcshower.geometry import load_geometry
 from pcshower.io import read_parquet
 from pcshower.io._atomic import atomic_path
@@ -114,7 +114,9 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
                 layer_edges=ref_sample.settings.get("layer_edges"),
                 radial_edges=ref_sample.settings.get("radial_edges"))
             res = compare_samples(gen_sample, ref_sample, network=False, distances=False, seed=seed)
-            summary = summarise(res)
+            # the summary compare_samples makes: cell-level comparisons leave the point-cloud
+            # diagnostics (point count, point energies) out of the maxima, as pcshower evaluate does
+            summary = res["summary"]
             auc = res.get("classifier_gbdt", {})
             row = {"model": name, "checkpoint": str(path), "objective": model.objective.name,
                    "backbone": model.config["backbone"], "sampler": sampler, "steps": steps,
@@ -124,8 +126,8 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
                    "w1_ratio_max": summary.get("w1_ratio_max"),
                    "w1_ratio_median": summary.get("w1_ratio_median"),
                    "worst_w1": summary.get("worst_w1"),
-                   "w1_ratio": {k: v["w1"]["ratio"] for k, v in res["observables"].items()
-                                if "[" not in k}}
+                   "diagnostics": summary.get("diagnostics", []),
+                   "w1_ratio": {k: v["w1"]["ratio"] for k, v in res["observables"].items()}}
             print(json.dumps({k: row[k] for k in ("model", "sampler", "steps", "network_calls",
                                                   "auc", "auc_floor", "w1_ratio_max")}), flush=True)
             result["quality"].append(row)
