@@ -40,6 +40,8 @@ from pcshower.io._atomic import atomic_path
 from pcshower.models.checkpoint import load_model
 from tqdm import tqdm
 
+from default_model import _grid  # benchmarks/ is the script's directory: the same grid syntax
+
 #: Sampler settings per objective: (sampler, steps).
 SETTINGS = {
     "edm": [("heun", s) for s in (1, 2, 4, 8, 16)],
@@ -134,16 +136,6 @@ def quality(models: dict, reference: str, n_gen: int, json_path: Path, seed: int
             result["quality"].append(row)
             _save_json(json_path, result)
     return result
-
-
-def _grid(text: str) -> tuple:
-    try:
-        grid = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        grid = ()
-    if len(grid) != 3 or min(grid) <= 0:
-        raise argparse.ArgumentTypeError(f"a grid is three positive numbers DX,DY,DZ, got {text!r}")
-    return grid
 
 
 def _parse_settings(text: str) -> set:
