@@ -397,7 +397,8 @@ class Geometry:
             # The transverse offset (R_M of the equivalent medium) adds to it in mm.
             tilted = not (_all_zero(r[2]) and _all_zero(r[5]))
             axis_depth, slab = depth_x0_to_mm(r[8] * z, self.stack, return_slab=True)
-            axis_mm = axis_depth / r[8]  # path length along the axis
+            # path length along the axis (unused at normal incidence: r[2], r[5] are zero there)
+            axis_mm = axis_depth / r[8] if tilted else axis_depth
             du = _dot3(r[0] * rm, r[1] * rm, r[2], x, y, axis_mm)  # offset from the impact point
             dv = _dot3(r[3] * rm, r[4] * rm, r[5], x, y, axis_mm)
             w = axis_depth
@@ -453,6 +454,13 @@ class Geometry:
         return _Placed(batch, frames, du, dv, w, local, module, depth, energy, active, layer,
                        visible, cell, inside, keep)
 
+    def _active_centre_mm(self, device) -> torch.Tensor:
+        """``[L]`` float64: depth (mm) of the middle of each active slab of the stack."""
+        from pcshower.physics.sampling import sampling_layers
+
+        return torch.as_tensor(sampling_layers(self.stack).active_center_mm, dtype=torch.float64,
+                               device=device)
+
     def _onto_sensor(self, local, du, dv, w, depth, active, tan_u, tan_v, module, shower_module,
                      batch):
         """Move every sampled point of a tilted physics-frame shower along the shower's direction
@@ -463,11 +471,8 @@ class Geometry:
         tan(theta) behind along the tilt: ~1.3 mm x tan(theta) in ILD. ``local`` is updated in
         place; returns the new ``(du, dv, w)``. Points handed over to another stave
         (``module`` differs from their shower's) stay where they are."""
-        from pcshower.physics.sampling import sampling_layers
-
         dev = depth.device
-        centre = torch.as_tensor(sampling_layers(self.stack).active_center_mm,
-                                 dtype=torch.float64, device=dev)
+        centre = self._active_centre_mm(dev)
         shift = torch.where(active >= 0, centre.index_select(0, active.clamp_min(0)) - depth,
                             torch.zeros((), dtype=torch.float64, device=dev))
         if module is not None:
@@ -486,12 +491,9 @@ class Geometry:
         of the active slab that saw them (see :meth:`to_detector`), in their shower's frame.
         Planar and cylindrical readouts only: every cell of the inclined readout's derived stack
         (plates, then the liquid gap) lies within one readout layer, so none of its points moves."""
-        from pcshower.physics.sampling import sampling_layers
-
         f, b = p.frames, p.batch.index_select(0, idx)
         dev = p.depth.device
-        target = torch.as_tensor(sampling_layers(self.stack).active_center_mm, dtype=torch.float64,
-                                 device=dev).index_select(0, p.active.index_select(0, idx))
+        target = self._active_centre_mm(dev).index_select(0, p.active.index_select(0, idx))
         local = p.local[idx].clone()
         local[:, 2] = target
         module = p.module.expand(p.depth.shape[0]).index_select(0, idx)
