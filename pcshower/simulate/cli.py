@@ -52,7 +52,12 @@ def register(subparsers) -> None:
     p.add_argument("--shards", default=None, metavar="START:STOP",
                    help="make only shards START..STOP-1 of the run (a farm job, or the first "
                         "shards of a long run); the data set is the same as one whole run's")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for --scheduler processes or local (default: all cores)")
+    p.add_argument("--scheduler", default="processes", metavar="processes|local|ADDRESS",
+                   help="where the shards run: processes (local worker processes, default), local "
+                        "(a Dask LocalCluster), or a running Dask scheduler's address "
+                        "tcp://HOST:PORT (a farm: docs/scale.md); the data set is the same")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
@@ -111,7 +116,7 @@ def _run(args) -> int:
                       shard_size=args.shard_size, spectrum=args.spectrum, engine=args.engine,
                       reduce=not args.no_reduce, grid=_parse_grid(args.grid),
                       workers=args.workers, progress=not args.no_progress,
-                      shards=args.shards, engine_options=options)
+                      shards=args.shards, engine_options=options, scheduler=args.scheduler)
     print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
           f"({summary['written']} written now, {summary['already_done']} already done"
           + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcshower.parallel import check_scheduler, map_unordered
 from pcshower.physics.stack import Slab, Stack
 from pcshower.simulate.api import (finish, get_engine, local_angles, resolve_stack,
                                    validate_conditions)
@@ -166,7 +166,7 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
             stack="ild", frame: str = "physics", seed: int = 0, shard_size: int = 10_000,
             spectrum: str = "uniform", engine: str = "parametrised", reduce: bool = True,
             grid=None, workers: int | None = None, progress: bool = True,
-            engine_options: dict | None = None, shards=None) -> dict:
+            engine_options: dict | None = None, shards=None, scheduler="processes") -> dict:
     """Simulate ``n`` showers into sharded Parquet files under ``out_dir``.
 
     Args:
@@ -176,6 +176,10 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         stack: a geometry name, a :class:`Stack` or an inline spec such as
             ``"20x[W:2.1,Si:0.5:active]+10x[W:4.2,Si:0.5:active]"``.
         workers: processes (default: the machine's cores, at most the pending shards).
+        scheduler: where the shards run: ``"processes"`` (local worker processes), ``"local"``
+            (a Dask ``LocalCluster``), a Dask scheduler address ``"tcp://HOST:PORT"``, or a
+            Dask ``Client``/cluster object (:mod:`pcshower.parallel`). The data set is the same
+            whichever runs it.
         shards: ``(start, stop)`` or ``"start:stop"``: make only shards ``start .. stop-1`` of
             the run (one job of a farm, or the first shards of a long production); the run
             record is that of the whole run, so later calls with other ranges (or none) add
@@ -194,6 +198,10 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
                     shard_size=int(shard_size), engine=str(engine), reduce=bool(reduce),
                     grid=_grid_json(grid), engine_options=dict(engine_options or {}))
     _validate(cfg)
+    scheduler = check_scheduler(scheduler)
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers
+                                or workers < 1):
+        raise ValueError(f"--workers must be a whole number >= 1, got {workers!r}")
     for option, (lo, hi), top in (("theta", cfg.theta_deg, 180.0), ("phi", cfg.phi_deg, None)):
         if not (math.isfinite(lo) and math.isfinite(hi)) or (top is not None and not 0 <= lo <= hi <= top):
             shown = f"{lo:g}" if lo == hi else f"{lo:g}:{hi:g}"
@@ -223,7 +231,6 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
     done_before = len(tasks) - len(pending)
     jobs = [(cfg, layered, name if geometry is not None else None, geometry is None
              or not hasattr(geometry, "local_direction"), str(out), *t) for t in pending]
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs))) if jobs else 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -231,19 +238,11 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         bar = tqdm(total=remaining, unit="shower", desc=f"simulate -> {out}")
     points = np.zeros(2, dtype=np.int64)  # before and after reduction, shards written now
     try:
-        if n_workers <= 1:
-            results = map(_run_shard, jobs)
-            for k, before, after in results:
-                points += (before, after)
-                if bar is not None:
-                    bar.update(k)
-        elif jobs:
-            ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread state
-            with ctx.Pool(n_workers) as pool:
-                for k, before, after in pool.imap_unordered(_run_shard, jobs):
-                    points += (before, after)
-                    if bar is not None:
-                        bar.update(k)
+        for k, before, after in map_unordered(_run_shard, jobs, scheduler=scheduler,
+                                              workers=workers):
+            points += (before, after)
+            if bar is not None:
+                bar.update(k)
     finally:
         if bar is not None:
             bar.close()
