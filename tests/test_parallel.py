@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pcshower.parallel import check_scheduler, map_unordered
 from pcshower.simulate.production import produce
@@ -89,3 +90,42 @@ def test_a_worker_killed_mid_shard_leaves_no_file_and_the_result_is_unchanged(tm
     assert pids[victim] not in client.run(os.getpid).values()  # that process is gone
     assert _files(out) == _files(reference)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_sharded_generation_is_the_same_on_dask_resumes_and_matches_generate(tmp_path, cluster):
+    from pcshower import generate
+    from pcshower.io import read_hits_parquet, read_parquet
+    from pcshower.models.production import (_shard_conditions, _shard_seed,
+                                            generate_production)
+
+    kw = dict(n=5, energy=(20.0, 60.0), theta=(60.0, 90.0), shard_size=2, steps=1, seed=4,
+              progress=False)
+    local = generate_production(tmp_path / "local", workers=1, **kw)
+    generate_production(tmp_path / "dask", scheduler=cluster[1], **kw)
+    assert local["written"] == 3 and _files(tmp_path / "local") == _files(tmp_path / "dask")
+    again = generate_production(tmp_path / "local", workers=1, **kw)
+    assert again["written"] == 0 and again["already_done"] == 3
+    with pytest.raises(ValueError, match="different run"):
+        generate_production(tmp_path / "local", workers=1, **{**kw, "steps": 2})
+    # shard 2 (one shower) is what generate() makes from that shard's conditions and seed
+    import json
+    run = json.loads((tmp_path / "local" / "_run.json").read_text())["pcshower_run"]
+    energy, theta, phi = _shard_conditions(run, 2)
+    direct = generate(energy, theta, "ild", phi=phi, steps=1, seed=_shard_seed(run, 2))
+    showers = read_parquet(tmp_path / "local" / "showers")
+    hits, _ = read_hits_parquet(tmp_path / "local" / "hits")
+    assert len(showers) == len(hits) == 5
+    assert torch.equal(showers[4:].points, direct.points)
+    assert torch.equal(hits.energy[hits.ptr[4]:], direct.hits.energy)
+
+
+def test_cli_sharded_generation_refuses_files_and_options_without_shards(tmp_path, capsys):
+    from pcshower.cli import main
+
+    assert main(["generate", "--energy", "50", "--n", "2", "--shard-size", "1",
+                 "--out", str(tmp_path / "g.parquet")]) == 2
+    assert "directory of shards" in capsys.readouterr().err
+    assert main(["generate", "--energy", "50", "--n", "2", "--scheduler", "local",
+                 "--out", str(tmp_path / "g.parquet")]) == 2
+    assert "--shard-size" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

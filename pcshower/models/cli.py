@@ -121,6 +121,18 @@ def register(subparsers) -> None:
                    help="warn instead of failing outside the model's training range")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (and its _hits file); without it they are kept")
+    g.add_argument("--shard-size", type=int, default=None,
+                   help="write a sharded production instead of one file: --out is then a "
+                        "directory (showers/ and hits/ shard-i.parquet, _run.json), shard i is "
+                        "seeded by (seed, i), and the same command resumes an interrupted run")
+    g.add_argument("--shards", default=None, metavar="START:STOP",
+                   help="with --shard-size: make only shards START..STOP-1 (one farm job)")
+    g.add_argument("--scheduler", default="processes", metavar="processes|local|ADDRESS",
+                   help="with --shard-size: where the shards run: processes (local worker "
+                        "processes, default), local (a Dask LocalCluster) or a Dask scheduler "
+                        "address tcp://HOST:PORT (docs/scale.md)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="with --shard-size: worker processes (default: all cores)")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_generate)
 
@@ -225,6 +237,13 @@ def _generate(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.shard_size is not None:
+        return _generate_sharded(args)
+    for option in ("shards", "workers"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option} is for a sharded production: add --shard-size")
+    if args.scheduler != "processes":
+        raise ValueError("--scheduler is for a sharded production: add --shard-size")
     out = Path(args.out)
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".h5", ".hdf5"):
@@ -283,4 +302,29 @@ def _generate(args) -> int:
         written = [out]
         count = len(showers)
     print(f"wrote {count} showers to {', '.join(map(str, written))}")
+    return 0
+
+
+def _generate_sharded(args) -> int:
+    from pcshower.io._atomic import check_output
+    from pcshower.models.production import generate_production
+
+    if Path(args.out).suffix.lower() in (".parquet", ".h5", ".hdf5"):
+        raise ValueError(f"--out {args.out}: with --shard-size, --out is a directory of shards "
+                         "(drop the suffix)")
+    if args.overwrite:
+        raise ValueError("--overwrite does not apply to a sharded production: the same command "
+                         "resumes it; use a new --out for a new run")
+    check_output(args.out, directory=True)
+    geometry = None if args.geometry.lower() == "none" else args.geometry
+    summary = generate_production(
+        args.out, n=args.n, energy=args.energy, theta=args.theta, phi=args.phi,
+        geometry=geometry, model=args.model, particle=args.particle, seed=args.seed,
+        shard_size=args.shard_size, steps=args.steps, sampler=args.sampler,
+        batch_size=args.batch_size, allow_extrapolation=args.allow_extrapolation,
+        scheduler=args.scheduler, workers=args.workers, device=args.device or "cpu",
+        progress=not args.no_progress, shards=args.shards)
+    print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
+          f"({summary['written']} written now, {summary['already_done']} already done"
+          + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
     return 0
