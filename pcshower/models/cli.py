@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +145,10 @@ def _train(args) -> int:
     check_output(args.out, directory=True)
     metrics = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                     progress=not args.no_progress, init_from=args.init_from)
-    print(f"trained {metrics['steps']} steps in {metrics['train_time_s']} s; "
-          f"model written to {Path(args.out) / 'model.pt'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks for the run
+        print(f"trained {metrics['steps']} steps in {metrics['train_time_s']} s"
+              + (f" on {metrics['ranks']} ranks" if "ranks" in metrics else "")
+              + f"; model written to {Path(args.out) / 'model.pt'}")
     return 0
 
 

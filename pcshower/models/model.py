@@ -231,28 +231,53 @@ class ShowerModel(nn.Module):
     def fit_normalization(self, showers: Showers) -> None:
         """Measure feature means/standard deviations and condition ranges on physics-frame
         training showers."""
+        self.set_normalization(self.normalization_sums(showers))
+
+    def normalization_sums(self, showers: Showers, shape=None) -> dict[str, torch.Tensor]:
+        """The float64 sums (counts, sums, sums of squares) and extremes that
+        :meth:`set_normalization` turns into the normalisation: additive over parts of a data
+        set (streamed row groups, the ranks of a distributed run: add the ``sum_*`` entries,
+        take the min/max of ``min_*``/``max_*``). ``shape``: the showers' measured shape, if
+        already at hand."""
         _check_physics(showers)
-        shape = self.codec.measure_showers(showers)
-        y = self.codec.encode(shape)
-        self.norm.shape_mean.copy_(y.mean(0))
-        self.norm.shape_std.copy_(y.std(0).clamp(min=1e-3))
-        # point features: float64 sums over chunks of points (no [P, 4] copy of all points)
-        s1 = s2 = torch.zeros(4, dtype=torch.float64)
+        shape = self.codec.measure_showers(showers) if shape is None else shape
+        y = self.codec.encode(shape).double()
+        f1 = f2 = torch.zeros(4, dtype=torch.float64)
+        # point features: over chunks of points (no [P, 4] copy of all points)
         for part in showers.points.split(1 << 22):
             f = self._point_features_raw(part).double()
-            s1, s2 = s1 + f.sum(0), s2 + (f * f).sum(0)
-        n = max(showers.total_points, 2)
-        mean = s1 / n
-        var = ((s2 - n * mean * mean) / (n - 1)).clamp(min=0)
+            f1, f2 = f1 + f.sum(0), f2 + (f * f).sum(0)
+        c = torch.stack([showers.energy.log().float(), showers.theta.float(),
+                         shape.num_points.float().clamp(min=1).log()], 1).double()
+        d = torch.float64
+        return {"sum_showers": torch.tensor(float(len(showers)), dtype=d),
+                "sum_points": torch.tensor(float(showers.total_points), dtype=d),
+                "sum_shape": y.sum(0), "sum_shape2": (y * y).sum(0),
+                "sum_point": f1, "sum_point2": f2, "sum_cond": c.sum(0), "sum_cond2": (c * c).sum(0),
+                "min_cond": torch.tensor([float(showers.energy.min()), float(showers.theta.min())],
+                                         dtype=d),
+                "max_cond": torch.tensor([float(showers.energy.max()), float(showers.theta.max())],
+                                         dtype=d)}
+
+    def set_normalization(self, sums: dict[str, torch.Tensor]) -> None:
+        """Set the normalisation from :meth:`normalization_sums` (of the whole training set)."""
+        def mean_std(s1, s2, n):
+            mean = s1 / n
+            return mean, ((s2 - n * mean * mean) / max(n - 1, 1)).clamp(min=0).sqrt()
+
+        n = float(sums["sum_showers"])
+        mean, std = mean_std(sums["sum_shape"], sums["sum_shape2"], n)
+        self.norm.shape_mean.copy_(mean.float())
+        self.norm.shape_std.copy_(std.float().clamp(min=1e-3))
+        mean, std = mean_std(sums["sum_point"], sums["sum_point2"], max(float(sums["sum_points"]), 2))
         self.norm.point_mean.copy_(mean.float())
-        self.norm.point_std.copy_(var.sqrt().float().clamp(min=1e-3))
-        le, th = showers.energy.log().float(), showers.theta.float()
-        ln_n = shape.num_points.float().clamp(min=1).log()
-        self.norm.cond_stats.copy_(torch.tensor([le.mean(), le.std().clamp(min=1e-2), th.mean(),
-                                                 th.std().clamp(min=1e-2), ln_n.mean(),
-                                                 ln_n.std().clamp(min=1e-2)]))
-        self.norm.ranges.copy_(torch.tensor([showers.energy.min(), showers.energy.max(),
-                                             showers.theta.min(), showers.theta.max()]))
+        self.norm.point_std.copy_(std.float().clamp(min=1e-3))
+        mean, std = mean_std(sums["sum_cond"], sums["sum_cond2"], n)
+        std = std.clamp(min=1e-2)
+        self.norm.cond_stats.copy_(torch.stack([mean[0], std[0], mean[1], std[1], mean[2],
+                                                std[2]]).float())
+        lo, hi = sums["min_cond"], sums["max_cond"]
+        self.norm.ranges.copy_(torch.stack([lo[0], hi[0], lo[1], hi[1]]).float())
 
     @property
     def energy_range(self) -> tuple[float, float]:

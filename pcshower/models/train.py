@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import logging
 import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -26,6 +28,7 @@ from pcshower.data.showers import Showers
 from pcshower.models.checkpoint import (FLOW_NORM_KEYS, CheckpointError, checkpoint_state,
                                         is_flow_state, model_payload, read_checkpoint,
                                         save_checkpoint)
+from pcshower.models.distributed import Ranks, stream_training_data, training_path
 from pcshower.models.model import DEFAULT_MODEL_CONFIG, ShowerModel, _check_physics, merge_config
 from pcshower.units import resolve_device
 
@@ -55,6 +58,9 @@ DEFAULT_TRAIN_CONFIG = {
     "teacher": None,           # the EDM checkpoint a consistency model is distilled from
                                # (objective: consistency, mode: distillation); the student
                                # starts from it unless init_from names another start
+    "stream": False,           # read the points row group by row group instead of holding the
+                               # set (always on under torchrun with several ranks)
+    "stream_buffer": 4096,     # showers held for the streamed block shuffle, per rank
 }
 
 _LOG_FIELDS = ["step", "loss", "flow_loss", "point_loss", "lr", "grad_norm", "elapsed_s"]
@@ -88,6 +94,8 @@ _TRAIN_CHECKS = {
                         and len(set(v)) == len(v), "a non-empty list of 'flow' and 'points'"),
     "init_from": lambda v: (v is None or isinstance(v, str), "null or a checkpoint path"),
     "teacher": lambda v: (v is None or isinstance(v, str), "null or a checkpoint path"),
+    "stream": lambda v: (isinstance(v, bool), "true or false"),
+    "stream_buffer": _whole(1),
 }
 
 
@@ -176,17 +184,30 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         device: torch device (default: CUDA when available, else CPU).
         init_from: checkpoint overriding ``train.init_from`` of the config.
     """
-    from tqdm.auto import tqdm
-
     cfg = load_config(config)
     tc = cfg["train"]
     if init_from is not None:
         tc["init_from"] = str(init_from)
+    ranks = Ranks.from_env()
+    device = ranks.device(resolve_device(device))
     if tc["threads"]:
         torch.set_num_threads(int(tc["threads"]))
-    device = resolve_device(device)
-    out = Path(out)
+    elif ranks.world > 1 and device.type == "cpu":  # the ranks of a node share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world))
+    ranks.start(device)
+    try:
+        return _train(cfg, tc, data, Path(out), resume, device, progress, ranks)
+    finally:
+        ranks.stop()
+
+
+def _train(cfg, tc, data, out: Path, resume: bool, device, progress: bool, ranks: Ranks) -> dict:
+    from tqdm.auto import tqdm
+
+    stream = bool(tc["stream"]) or ranks.world > 1
     provenance = {}
+    if stream:
+        data = training_path(data)
     if not isinstance(data, Showers):
         from pcshower.io import read_metadata, read_parquet
 
@@ -195,13 +216,15 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
             raise FileNotFoundError(f"training data {path} does not exist")
         data_meta = read_metadata(path)
         provenance = {"data_path": str(path), "data_metadata": _jsonable(data_meta)}
-        data = read_parquet(path)
-    _check_physics(data)
-    provenance["particles"] = sorted(set(int(p) for p in data.particle.unique().tolist()))
-    # a data set at one azimuth teaches nothing about phi: generate() then conditions on it
-    provenance["phi_range_rad"] = [float(data.phi.min()), float(data.phi.max())]
-    if len(data) < 2:
-        raise ValueError(f"training needs at least 2 showers, got {len(data)}")
+        if not stream:
+            data = read_parquet(path)
+    if not stream:
+        _check_physics(data)
+        provenance["particles"] = sorted(set(int(p) for p in data.particle.unique().tolist()))
+        # a data set at one azimuth teaches nothing about phi: generate() then conditions on it
+        provenance["phi_range_rad"] = [float(data.phi.min()), float(data.phi.max())]
+        if len(data) < 2:
+            raise ValueError(f"training needs at least 2 showers, got {len(data)}")
     last = out / "last.pt"
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no training state {last} to resume from")
@@ -212,13 +235,14 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
 
     gen = torch.Generator().manual_seed(int(tc["seed"]))
     torch.manual_seed(int(tc["seed"]))  # parameter initialisation
-    perm = torch.randperm(len(data), generator=gen)
-    n_val = int(round(len(data) * float(tc["val_fraction"])))
-    n_val = min(n_val, len(data) - 1)
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    train_set, val_set = data[train_idx], data[val_idx] if n_val else None
-    fingerprint = _fingerprint(data)
-    del data  # train_set and val_set are copies: keep one set of points in memory
+    if not stream:
+        perm = torch.randperm(len(data), generator=gen)
+        n_val = int(round(len(data) * float(tc["val_fraction"])))
+        n_val = min(n_val, len(data) - 1)
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        train_set, val_set = data[train_idx], data[val_idx] if n_val else None
+        fingerprint = _fingerprint(data)
+        del data  # train_set and val_set are copies: keep one set of points in memory
 
     model = ShowerModel(cfg["model"])
     parts = list(tc["parts"])
@@ -226,7 +250,19 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         raise ValueError(f"train.parts must list 'flow' and/or 'points', got {parts}")
     # measured first, then overwritten by an init checkpoint's normalisation where it fits (a
     # flow with other shape features keeps the statistics measured here)
-    model.fit_normalization(train_set)
+    if stream:
+        # the same validation draw from gen as in memory; normalisation summed over the ranks
+        sd = stream_training_data(data, model, tc, ranks, gen, progress)
+        n_val, fingerprint = sd.n_val, sd.fingerprint + [ranks.world]
+        provenance["particles"], provenance["phi_range_rad"] = sd.particles, sd.phi_range
+        if sd.n_train < 2:
+            raise ValueError(f"training needs at least 2 showers, got {sd.n_train}")
+        provenance["streamed"] = {"ranks": ranks.world, "row_groups": len(sd.stream.units)}
+        if ranks.world > 1:  # each rank its own draws (the same validation split on every rank)
+            gen.manual_seed(int(np.random.SeedSequence([int(tc["seed"]), ranks.rank])
+                                .generate_state(1, dtype=np.uint64)[0]))
+    else:
+        model.fit_normalization(train_set)
     teacher = _load_teacher(model, tc, device)
     if teacher is not None:
         provenance["teacher"] = {"path": str(tc["teacher"]),
@@ -253,15 +289,22 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
     opt = torch.optim.AdamW(trainable, lr=tc["lr"], weight_decay=tc["weight_decay"])
 
     # shape features of every training shower, computed once (the flow sees large batches)
-    shape = model.codec.measure_showers(train_set)
-    shape_y = model.codec.encode(shape, torch.zeros(len(train_set))).to(device)
+    shape = sd.shape if stream else model.codec.measure_showers(train_set)
+    conditions = (sd.energy, sd.theta, sd.phi) if stream else (train_set.energy, train_set.theta,
+                                                               train_set.phi)
+    n_local = len(conditions[0])  # the flow's showers (this rank's part when streamed)
+    shape_y = model.codec.encode(shape, torch.zeros(n_local)).to(device)
     # exact-zero fractions, dequantised afresh at each step (fraction_dequantize)
     zeros = model.codec.zero_fractions(shape).to(device) if model.codec.dequantize else None
-    cond_all = model.condition(train_set.energy.to(device), train_set.theta.to(device),
-                               train_set.phi.to(device))
-    n_train = len(train_set)
+    cond_all = model.condition(*(c.to(device) for c in conditions))
+    n_train = sd.n_train if stream else len(train_set)
+    flow_batch = ranks.share(int(tc["flow_batch"]), "flow_batch")
     # a flow-only run needs each shower's shape and conditions, not its points
-    train_set = train_set.to(device) if "points" in parts else None
+    if not stream:
+        train_set = train_set.to(device) if "points" in parts else None
+    losses = _Losses(model)
+    if ranks.world > 1:
+        losses = torch.nn.parallel.DistributedDataParallel(losses)
 
     step, elapsed, rows = 0, 0.0, []
     if resume:
@@ -269,6 +312,10 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         state = body.get("training_state")
         if state is None:
             raise CheckpointError(f"{last} holds no training state to resume from")
+        if int(state.get("world", 1)) != ranks.world:
+            raise ValueError(f"--resume: the run was made with {state.get('world', 1)} ranks; "
+                             f"resume it with as many (torchrun --nproc-per-node), not "
+                             f"{ranks.world}")
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"--resume: the training data differ from the run's data "
                              f"({state['fingerprint']} vs {fingerprint})")
@@ -279,24 +326,33 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
         if target is not None:
             target.load_state_dict(state["target"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        mine = state["ranks"][ranks.rank] if "ranks" in state else state
+        gen.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         rows = _read_log(out / "log.csv", step)
-    with open(out / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": model.config, "train": tc, "data": cfg["data"]}, f, sort_keys=False)
+    if ranks.main:
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump({"model": model.config, "train": tc, "data": cfg["data"]}, f,
+                           sort_keys=False)
+    # a resumed stream continues after the batches already used (read again, not trained on)
+    points_iter = itertools.islice(iter(sd.stream), step, None) if stream else None
 
     use_amp = bool(tc["amp"]) and device.type == "cuda"
-    bar = tqdm(total=int(tc["steps"]), initial=step, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=int(tc["steps"]), initial=step, disable=not (progress and ranks.main),
+               desc="train", unit="step", dynamic_ncols=True)
     running = None
     t0 = time.perf_counter()
     while step < int(tc["steps"]):
         lr = _lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        fidx = torch.randint(n_train, (min(int(tc["flow_batch"]), n_train),), generator=gen)
-        pidx = torch.randint(n_train, (min(int(tc["batch_showers"]), n_train),), generator=gen)
+        fidx = torch.randint(n_local, (min(flow_batch, n_local),), generator=gen)
+        if stream:
+            points = next(points_iter)[1].to(device) if "points" in parts else None
+        else:
+            pidx = torch.randint(n_train, (min(int(tc["batch_showers"]), n_train),), generator=gen)
+            points = train_set[pidx.to(device)] if "points" in parts else None
         u = torch.rand(fidx.numel(), generator=gen)
         y = shape_y[fidx.to(device)].clone()
         y[:, 0] = (shape.num_points[fidx].float() + u).log().to(device)
@@ -304,17 +360,20 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
             y = model.codec.dequantize_zeros(y, zeros[fidx.to(device)],
                                              torch.rand(y.shape, generator=gen).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            zero = torch.zeros((), device=device)
-            flow_loss = model.flow_loss(y, cond_all[fidx.to(device)]) if "flow" in parts else zero
-            point_loss = (model.point_loss(train_set[pidx.to(device)], cond_all[pidx.to(device)],
-                                           _device_gen(gen, device), teacher=teacher,
-                                           target=target)
-                          if "points" in parts else zero)
+            pcond = None
+            if points is not None:
+                pcond = (model.condition(points.energy, points.theta, points.phi) if stream
+                         else cond_all[pidx.to(device)])
+            flow_loss, point_loss = losses(y if "flow" in parts else None,
+                                           cond_all[fidx.to(device)], points, pcond,
+                                           _device_gen(gen, device), teacher, target)
             loss = flow_loss + point_loss
-        if not torch.isfinite(loss.detach()).all():
+        # the ranks' mean (the loss of the global batch): logged, and checked on every rank
+        shown = ranks.mean(torch.stack([loss.detach(), flow_loss.detach(), point_loss.detach()]))
+        if not torch.isfinite(shown).all():
             raise FloatingPointError(
-                f"training stopped at step {step}: the loss is {float(loss):g} (flow "
-                f"{float(flow_loss):g}, points {float(point_loss):g}); lower train.lr or check the "
+                f"training stopped at step {step}: the loss is {float(shown[0]):g} (flow "
+                f"{float(shown[1]):g}, points {float(shown[2]):g}); lower train.lr or check the "
                 f"data for NaN/inf or empty showers. {out / 'last.pt'} holds the last good state "
                 "(if a checkpoint was written)")
         opt.zero_grad(set_to_none=True)
@@ -329,18 +388,22 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
                 for pt, pm in zip(target.parameters(), model.parameters()):
                     pt.lerp_(pm, 1 - target_decay)
         step += 1
-        values = [float(loss.detach()), float(flow_loss.detach()), float(point_loss.detach())]
+        values = [float(v) for v in shown]
         running = values if running is None else [0.98 * r + 0.02 * v for r, v in zip(running, values)]
         if step % int(tc["log_every"]) == 0 or step == int(tc["steps"]):
             rows.append({"step": step, "loss": values[0], "flow_loss": values[1],
                          "point_loss": values[2], "lr": lr, "grad_norm": float(grad_norm),
                          "elapsed_s": round(elapsed + time.perf_counter() - t0, 2)})
-            _write_log(out / "log.csv", rows)
+            if ranks.main:
+                _write_log(out / "log.csv", rows)
             bar.set_postfix(flow=f"{running[1]:.3f}", points=f"{running[2]:.3f}")
         bar.update(1)
         if step % int(tc["checkpoint_every"]) == 0 or step == int(tc["steps"]):
             now = elapsed + time.perf_counter() - t0
-            _save_state(last, model, ema, opt, gen, step, now, fingerprint, provenance, target)
+            states = ranks.gather({"generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            if ranks.main:
+                _save_state(last, model, ema, opt, gen, step, now, fingerprint, provenance, target,
+                            ranks=states if ranks.world > 1 else None)
     bar.close()
     elapsed += time.perf_counter() - t0
 
@@ -348,10 +411,23 @@ def train(config, data: Showers | str | os.PathLike, out: str | os.PathLike, *,
                "train_time_s": round(elapsed, 1), "device": str(device),
                "final_flow_loss_smoothed": running[1] if running else None,
                "final_point_loss_smoothed": running[2] if running else None}
-    if val_set is not None and len(val_set):
-        metrics.update(_validate(ema, val_set.to(device), seed=int(tc["seed"]), teacher=teacher))
-    save_checkpoint(out / "model.pt", model_payload(ema, metrics=metrics, provenance=provenance))
-    log.info("training done: %s", metrics)
+    if ranks.world > 1:
+        # DDP keeps the ranks' weights equal by construction; check it rather than trust it
+        digests = ranks.gather(_digest(ema))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the {ranks.world} ranks ended with different weights "
+                               f"({digests}); the run is not data-parallel as it should be")
+        metrics["ranks"] = ranks.world
+    if ranks.main:
+        if stream:
+            val_set = sd.val_showers() if n_val else None
+        if val_set is not None and len(val_set):
+            metrics.update(_validate(ema, val_set.to(device), seed=int(tc["seed"]),
+                                     teacher=teacher))
+        save_checkpoint(out / "model.pt", model_payload(ema, metrics=metrics,
+                                                        provenance=provenance))
+        log.info("training done: %s", metrics)
+    ranks.barrier()  # every rank returns once model.pt is written
     return metrics
 
 
@@ -469,15 +545,44 @@ def _validate(model: ShowerModel, val: Showers, seed: int, teacher=None) -> dict
 
 
 def _save_state(path: Path, model, ema, opt, gen, step, elapsed, fingerprint, provenance,
-                target=None) -> None:
+                target=None, ranks: list | None = None) -> None:
     payload = model_payload(ema, provenance=provenance)
     payload["training_state"] = {
         "step": step, "elapsed_s": elapsed, "model": model.state_dict(),
         "optimizer": opt.state_dict(), "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint}
+    if ranks is not None:  # each rank's random state, to resume every rank where it was
+        payload["training_state"].update(world=len(ranks), ranks=ranks)
     if target is not None:
         payload["training_state"]["target"] = target.state_dict()
     save_checkpoint(path, payload)
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights and buffers (to compare the ranks' copies)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Losses(torch.nn.Module):
+    """The flow and point losses of one step as a module's forward, so that a distributed run
+    wraps it in ``DistributedDataParallel`` (which averages the gradients over the ranks)."""
+
+    def __init__(self, model: ShowerModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, y, flow_cond, points, point_cond, generator, teacher=None, target=None):
+        zero = torch.zeros((), device=flow_cond.device)
+        flow = self.model.flow_loss(y, flow_cond) if y is not None else zero
+        point = (self.model.point_loss(points, point_cond, generator, teacher=teacher,
+                                       target=target) if points is not None else zero)
+        return flow, point
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
