@@ -72,7 +72,9 @@ def test_a_worker_killed_mid_shard_leaves_no_file_and_the_result_is_unchanged(tm
     _produce(reference, workers=1, **kw)
     out = tmp_path / "killed"
     result = {}
-    run = threading.Thread(target=lambda: result.update(_produce(out, scheduler=client, **kw)))
+    cluster_object = cluster[0]  # a cluster object, as dask-jobqueue gives one
+    run = threading.Thread(target=lambda: result.update(_produce(out, scheduler=cluster_object,
+                                                                 **kw)))
     run.start()
     pids = client.run(os.getpid)  # worker address -> process id
     deadline = time.monotonic() + 120
