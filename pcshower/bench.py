@@ -277,11 +277,15 @@ def register(subparsers) -> None:
     p.add_argument("--geometry", default="ild", help="geometry to project on ('none' to skip)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", nargs="+", default=["1", "all"], help="CPU thread settings")
-    p.add_argument("--steps", nargs="+", type=int, default=list(DEFAULT_STEPS))
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=list(DEFAULT_BATCH_SIZES))
-    p.add_argument("--energies", nargs="+", type=float, default=list(DEFAULT_ENERGIES))
+    p.add_argument("--steps", nargs="+", type=int, default=list(DEFAULT_STEPS),
+                   help="sampler steps to time (default: %(default)s)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=list(DEFAULT_BATCH_SIZES),
+                   help="showers per pass to time (default: %(default)s)")
+    p.add_argument("--energies", nargs="+", type=float, default=list(DEFAULT_ENERGIES),
+                   help="incident energies in GeV (default: %(default)s)")
     p.add_argument("--theta", type=float, default=90.0, help="polar angle in degrees")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats per configuration; the median is reported (default 3)")
     p.add_argument("--budget", type=float, default=30.0,
                    help="skip configurations predicted to take longer than this many seconds")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -11,8 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "seed_arg"]
 
 _SUBCOMMAND_MODULES = (
     "pcshower.io.cli",          # info, convert
@@ -26,6 +27,23 @@ _SUBCOMMAND_MODULES = (
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one clear line, no traceback."""
+
+
+def seed_arg(limit: int = 2 ** 64):
+    """An argparse ``type`` for ``--seed``: a whole number in ``[0, limit)`` (torch and NumPy
+    take 64-bit seeds; scikit-learn's ``random_state`` 32-bit ones)."""
+    shown = "2**64" if limit == 2 ** 64 else f"{limit}"
+
+    def seed(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not 0 <= value < limit:
+            raise argparse.ArgumentTypeError(f"must be a whole number in [0, {shown}), got {value}")
+        return value
+
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # a user reads "pcshower generate: warning: ...", not a source line of pcshower
+        print(f"pcshower {args.command}: warning: {message}", file=file or sys.stderr)
+
+    shown, warnings.showwarning = warnings.showwarning, show_warning
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:
@@ -70,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pcshower {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -1,4 +1,13 @@
-"""Bad input to generation gets a clear error before any work, never silently wrong output."""
+"""Bad input gets a clear error before any work, never silently wrong output: the hardening
+battery, run through the API and the CLI (exit code, the message's key words, no file left).
+
+Cases of the battery tested beside the code they concern: the CaloChallenge default incidence
+and a loud warning when energy misses the readout (test_generate.py), mismatched frames and
+geometries in evaluate (test_evaluate_cli.py), a non-finite training loss (test_train.py),
+damaged shards made again and the shard directory read as a Parquet data set
+(test_simulate_production.py), stale temporaries of dead writers (test_io.py), generate keeping
+existing files unless --overwrite (test_generate.py), the oblique placement
+(test_oblique_placement.py)."""
 
 import math
 
@@ -39,7 +48,6 @@ def test_generate_rejects_nan_angles(angle, phi, words):
 @pytest.mark.parametrize("flag, value, words", [
     ("--steps", "0", "steps must be >= 1 and a whole number, got 0"),
     ("--batch-size", "0", "batch_size must be >= 1 and a whole number, got 0"),
-    ("--seed", str(2 ** 64), "seed must be an integer in [0, 2**64)"),
 ])
 def test_cli_generate_refuses_zero_steps_and_batches(tmp_path, capsys, flag, value, words):
     out = tmp_path / "s.parquet"
@@ -219,3 +227,67 @@ def test_particles_outside_the_models_record_are_refused():
         generate(50.0, 90.0, None, n=1, model=net)
     with pytest.warns(UserWarning, match="does not record which particles"):
         generate(50.0, 90.0, None, n=1, model=net, allow_extrapolation=True, seed=1, steps=1)
+
+
+def test_a_nan_thickness_says_it_is_not_finite(tmp_path, capsys):
+    from importlib.resources import files
+
+    text = (files("pcshower") / "geometries" / "ild.yaml").read_text()
+    import re
+
+    bad = re.sub(r"thickness_mm: [0-9.]+", "thickness_mm: .nan", text, count=1)
+    assert bad != text
+    (tmp_path / "nan.yaml").write_text(bad)
+    assert main(["geometry", "show", str(tmp_path / "nan.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "thickness_mm: expected a finite" in err and "got nan" in err
+    assert "got a number" not in err
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 70), "-1", "x"])
+@pytest.mark.parametrize("command", [
+    ["generate", "--energy", "50", "--out", "{tmp}/g.parquet"],
+    ["simulate", "--energy", "10", "--theta", "90", "--n", "2", "--out", "{tmp}/sim"],
+    ["project", "a.parquet", "--geometry", "ild", "--out", "{tmp}/h.parquet"],
+    ["evaluate", "a.parquet", "b.parquet", "--out", "{tmp}/report"],
+])
+def test_seeds_out_of_range_name_the_option(tmp_path, capsys, command, seed):
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(tmp=tmp_path) for a in command] + ["--seed", seed])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --seed:" in err and "Overflow" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_evaluate_seed_fits_the_classifier(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "a.parquet", "b.parquet", "--seed", str(2 ** 32)])
+    assert "[0, 4294967294)" in capsys.readouterr().err
+
+
+def test_project_and_convert_keep_existing_files_unless_overwrite(tmp_path, capsys, showers):
+    from pcshower.io import write_parquet
+
+    src = tmp_path / "det.parquet"
+    write_parquet(src, showers._replace(geometry="ild"))
+    for command, out in ((["project", str(src), "--geometry", "ild", "--out"], "hits.parquet"),
+                         (["convert", str(src)], "copy.parquet")):
+        target = tmp_path / out
+        target.write_bytes(b"keep me")
+        assert main(command + [str(target)]) == 2
+        assert "exists; pass --overwrite" in capsys.readouterr().err
+        assert target.read_bytes() == b"keep me"
+        assert main(command + [str(target), "--overwrite"]) == 0
+        assert target.read_bytes() != b"keep me"
+    capsys.readouterr()
+    # pcshower info reads the hits file project wrote
+    assert main(["info", str(tmp_path / "hits.parquet")]) == 0
+    out = capsys.readouterr().out
+    assert "cell hits" in out and "hit_cells_per_shower" in out
+
+
+def test_the_cli_names_its_own_flag_for_extrapolation(tmp_path, capsys):
+    assert main(["generate", "--energy", "50", "--particle", "pion", "--out",
+                 str(tmp_path / "g.parquet"), "--no-progress"]) == 2
+    assert "--allow-extrapolation" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -441,7 +441,7 @@ def test_cli_projects_to_calochallenge_hdf5_in_voxel_order(tmp_path, capsys):
         meta = json.loads(f.attrs["pcshower"])
     assert meta["energy_scale"] == pytest.approx(1 / 0.033) and "0.033" in meta["energy_convention"]
     assert main(["project", str(tmp_path / "in.parquet"), "--geometry", "ild",
-                 "--out", str(tmp_path / "out.h5")]) == 2
+                 "--out", str(tmp_path / "out.h5"), "--overwrite"]) == 2
     assert "needs a CaloChallenge geometry" in capsys.readouterr().err
 
 

@@ -7,6 +7,8 @@ import logging
 import math
 from pathlib import Path
 
+from pcshower.cli import seed_arg
+
 __all__ = ["register", "load_sample"]
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,15 @@ def register(subparsers) -> None:
                           "CaloChallenge voxel files: their 15.15 keV)")
     p.add_argument("--max-showers", type=int, help="use at most this many showers of each sample")
     p.add_argument("--n-boot", type=int, default=10, help="reference splits for the floors (10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg(2 ** 32 - 2), default=0,
+                   help="seed of the resampling and the classifier (default 0)")
     p.add_argument("--energy-bins", help="incident-energy bin edges in GeV, e.g. 1,10,50,100")
     p.add_argument("--theta-bins", help="polar-angle bin edges in degrees, e.g. 0,30,60,90")
     p.add_argument("--no-classifier", action="store_true", help="skip the gradient-boosting test")
     p.add_argument("--no-network", action="store_true", help="skip the Deep Sets classifier test")
     p.add_argument("--no-distances", action="store_true", help="skip KPD and FPD")
-    p.add_argument("--network-epochs", type=int, default=5)
+    p.add_argument("--network-epochs", type=int, default=5,
+                   help="training epochs of the Deep Sets classifier (default 5)")
     p.add_argument("--names", default="generated,reference",
                    help="labels of the two samples, comma separated")
     p.set_defaults(func=run)

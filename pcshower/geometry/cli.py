@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pcshower.cli import seed_arg
+
 __all__ = ["register"]
 
 
@@ -31,10 +33,12 @@ def register(subparsers) -> None:
     p.add_argument("input", help="Parquet file or shard directory of showers")
     p.add_argument("--geometry", required=True, help="built-in name or YAML path")
     p.add_argument("--out", required=True, help="output .parquet or .h5/.hdf5")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling fluctuations")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="seed of the sampling fluctuations")
     p.add_argument("--no-fluctuations", action="store_true",
                    help="mean visible energy, without sampling fluctuations")
     p.add_argument("--batch-size", type=int, default=1000, help="showers per projection pass")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (without it, it is kept)")
     p.set_defaults(func=_project)
 
 
@@ -78,7 +82,9 @@ def _project(args) -> int:
     from pcshower.io._atomic import check_output
     from pcshower.io.parquet import _concat_hits
 
-    out = check_output(args.out, overwrite=True)
+    out = check_output(args.out, overwrite=args.overwrite)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     geo = load_geometry(args.geometry)
     to_hdf5 = io.is_hdf5(out)
     if not to_hdf5 and out.suffix.lower() != ".parquet":

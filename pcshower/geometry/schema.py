@@ -107,8 +107,10 @@ class _Checker:
                 self.fail(path, f"expected a positive integer, got {value}")
             return int(value)
         if kind in ("number", "positive number", "non-negative number"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.fail(path, f"expected a {kind}, got {_kind(value)}")
+            if not math.isfinite(value):
+                self.fail(path, f"expected a finite {kind}, got {value}")
             if kind == "positive number" and value <= 0:
                 self.fail(path, f"expected a positive number, got {value}")
             if kind == "non-negative number" and value < 0:

@@ -94,7 +94,10 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, option: st
         folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder; choose another "
+                         "path")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{option} {path}: cannot write in {folder} (permission denied or "
                               "read-only); choose another folder")
     return path

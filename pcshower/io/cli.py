@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                                           "The output format follows the OUT suffix.")
     c.add_argument("input", help="Parquet file/directory or .h5/.hdf5 file")
     c.add_argument("output", help="output .parquet or .h5/.hdf5 file")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (without it, it is kept)")
     c.add_argument("--energy-scale", type=float, default=1.0,
                    help="multiply point energies when reading HDF5 (1000 for CaloClouds' GeV files)")
     c.set_defaults(func=_convert)
@@ -54,6 +56,8 @@ def describe(path: str) -> dict:
         showers, meta, fmt = io.read_caloclouds(path), {}, "CaloClouds-style HDF5"
     else:
         meta = io.read_metadata(path)
+        if meta.get("kind") == "hits":
+            return _describe_hits(path, meta)
         showers, fmt = io.read_parquet(path), f"pcshower Parquet {meta.get('format_version')}"
     counts = showers.num_points.numpy()
     arrays = showers.to_numpy()
@@ -77,6 +81,29 @@ def describe(path: str) -> dict:
     return summary
 
 
+def _describe_hits(path, meta: dict) -> dict:
+    """``pcshower info`` of a cell-hits file (``generate``'s OUT_hits.parquet, ``project``)."""
+    from pcshower.io import read_hits_parquet
+
+    hits, cond = read_hits_parquet(path)
+    cells = hits.num_hits.numpy()
+    total = np.bincount(np.repeat(np.arange(len(cells)), cells), weights=hits.energy.numpy(),
+                        minlength=len(cells))
+    summary = {"file": str(path), "format": f"pcshower Parquet {meta.get('format_version')} "
+                                            "(cell hits)",
+               "showers": len(hits), "geometry": hits.geometry, "cells": int(hits.num_cells),
+               "hit_cells_per_shower_min_median_max": ([int(cells.min()), float(np.median(cells)),
+                                                        int(cells.max())] if len(cells) else []),
+               "cell_energy_sum_mev_min_max": _range(total),
+               "outside_energy_mev_min_max": _range(hits.outside_energy.numpy())}
+    if cond is not None:
+        summary["energy_gev"] = _range(cond["energy"].numpy())
+        summary["theta_deg"] = _range(rad_to_deg(cond["theta"].numpy()))
+    summary["files"] = meta.get("num_files")
+    summary["provenance"] = meta.get("provenance")
+    return summary
+
+
 def _info(args) -> int:
     if str(args.file).endswith(".pt"):
         from pcshower.models.checkpoint import describe_model
@@ -97,7 +124,7 @@ def _convert(args) -> int:
     from pcshower import io
     from pcshower.io._atomic import check_output
 
-    check_output(args.output, overwrite=True, option="output")
+    check_output(args.output, overwrite=args.overwrite, option="output")
     if io.is_hdf5(args.input):
         showers = io.read_caloclouds(args.input, energy_scale=args.energy_scale)
     else:

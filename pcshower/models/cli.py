@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcshower.cli import seed_arg
 from pcshower.units import parse_range
 
 __all__ = ["register", "parse_range"]
@@ -67,7 +68,7 @@ def register(subparsers) -> None:
     f.add_argument("--slice-core-radius", type=float, default=None,
                    help="then each depth slice's energy within this radius (R_M) too "
                         "(slice_core_radius; default: the model's)")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=_fit_split)
 
     c = subparsers.add_parser(
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
                    help="sampler: heun (2nd order, 2 calls a step) or euler (1 call a step) for "
                         "EDM and flow-matching models, midpoint (flow matching), multistep "
                         "(consistency models); default: the model's")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=None, help="showers per pass (memory bound)")
     g.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -134,7 +135,7 @@ def register(subparsers) -> None:
                         "address tcp://HOST:PORT (docs/scale.md)")
     g.add_argument("--workers", type=int, default=None,
                    help="with --shard-size: worker processes (default: all cores)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
 

@@ -252,7 +252,8 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
                f"the model does not record which particles it was trained on, so "
                f"{particle_name(code)} showers from it are a guess")
         if not allow_extrapolation:
-            raise ValueError(msg + "; pass allow_extrapolation=True to generate anyway")
+            raise ValueError(msg + "; pass allow_extrapolation=True (CLI: --allow-extrapolation) "
+                                   "to generate anyway")
         warnings.warn(msg, stacklevel=3)
     geom = None
     if geometry is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pcshower.cli import seed_arg
 from pcshower.simulate.api import ENGINE_NAMES
 
 __all__ = ["register"]
@@ -37,9 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--frame", choices=("physics", "detector", "both"), default="physics",
                    help="physics: X0/R_M/energy fraction; detector: active-layer deposits, mm/MeV; "
                         "both: the same showers in OUT/physics/ and OUT/detector/")
-    p.add_argument("--seed", type=int, default=0, help="run seed (shard i uses (seed, i))")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="run seed (shard i uses (seed, i))")
     p.add_argument("--shard-size", type=int, default=10_000, help="showers per shard")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="parametrised")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="parametrised",
+                   help="parametrised (GFlash-style, ms per shower) or geant4 (full simulation, "
+                        "needs the geant4 extra; docs/geant4.md)")
     p.add_argument("--tune", default=None, metavar="auto|published|FILE",
                    help="parametrised engine: its coefficients; auto (default): the stack's "
                         "Geant4 tune where pcshower ships one, else the published GFlash ones; "
@@ -79,7 +82,7 @@ def register(subparsers) -> None:
                    help="geometry name (default: the one the production records)")
     t.add_argument("--max-showers", type=int, default=None,
                    help="use at most this many showers (the first shards)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the model showers of the fit")
+    t.add_argument("--seed", type=seed_arg(), default=0, help="seed of the model showers of the fit")
     t.add_argument("--steps", default="400,100", metavar="LONG,RADIAL",
                    help="optimiser steps of the longitudinal and the radial fit (400,100)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
