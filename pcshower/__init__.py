@@ -19,6 +19,7 @@ from pcshower.data import CellHits, Showers
 _LAZY = {
     "load_geometry": "pcshower.geometry",
     "generate": "pcshower.models.generate",
+    "tune_allocator": "pcshower.allocator",
 }
 
 #: Subpackages reachable as attributes after a plain `import pcshower` (imported on first use).

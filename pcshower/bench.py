@@ -296,6 +296,9 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
+    from pcshower.allocator import tune_allocator
+
+    tune_allocator()  # as pcshower generate runs
     threads = [None if t == "all" else int(t) for t in args.threads]
     result = run_benchmark(model=args.model, geometry=None if args.geometry == "none" else args.geometry,
                            device=args.device, threads=threads, steps=args.steps,

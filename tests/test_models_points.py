@@ -127,3 +127,44 @@ def test_point_normalisation_is_the_mean_and_std_of_the_point_features():
     feats = torch.cat([pts[:, :3], pts[:, 3:].log()], 1).double()
     assert torch.allclose(model.norm.point_mean.double(), feats.mean(0), rtol=1e-5, atol=1e-6)
     assert torch.allclose(model.norm.point_std.double(), feats.std(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [256, 1000, 4096])
+def test_chunked_network_passes_give_the_same_showers_bit_for_bit(chunk, monkeypatch):
+    """ShowerModel.chunk_points runs EPiC's per-point layers in chunks (less memory traffic);
+    the showers must be those of one whole-batch pass, bit for bit, for the same seed."""
+    from pcshower.models.generate import load_default_model
+    from pcshower.nn.epic import EPiCNetwork
+
+    calls = []
+    chunked = EPiCNetwork._forward_chunked
+    monkeypatch.setattr(EPiCNetwork, "_forward_chunked",
+                        lambda self, *a: calls.append(a[0].shape[0]) or chunked(self, *a))
+    model = load_default_model()
+    energy = torch.tensor([20.0, 50.0, 80.0, 35.0], dtype=torch.float64)
+    theta = torch.full((4,), 1.5707963, dtype=torch.float64)
+    out = {}
+    try:
+        for key in (None, chunk):
+            model.chunk_points = key
+            out[key] = model.sample(energy, theta, torch.zeros(4), steps=2,
+                                    generator=torch.Generator().manual_seed(5))
+    finally:
+        model.chunk_points = type(model).chunk_points
+    assert len(calls) == 3 and calls[0] > 2 * chunk  # each of the 3 calls in several chunks
+    assert torch.equal(out[None].points, out[chunk].points)
+    assert torch.equal(out[None].ptr, out[chunk].ptr)
+
+
+def test_the_allocator_settings_are_taken_once_and_can_be_refused(monkeypatch):
+    import pcshower.allocator as alloc
+
+    monkeypatch.setattr(alloc, "_done", None)
+    monkeypatch.setenv("PCSHOWER_MALLOC", "default")
+    assert alloc.tune_allocator() is False
+    monkeypatch.setattr(alloc, "_done", None)
+    monkeypatch.delenv("PCSHOWER_MALLOC")
+    import platform
+    took = alloc.tune_allocator()
+    assert took is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert alloc.tune_allocator() is took  # once per process

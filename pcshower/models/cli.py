@@ -236,8 +236,11 @@ def _fit_split(args) -> int:
 
 
 def _generate(args) -> int:
+    from pcshower.allocator import tune_allocator
     from pcshower.io import ParquetBatchWriter, write_calochallenge
     from pcshower.models.generate import generate, generate_batches
+
+    tune_allocator()  # no page-faulting of every op's output (docs/benchmarks.md)
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")

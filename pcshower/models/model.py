@@ -150,10 +150,18 @@ class Normalization(nn.Module):
         self.register_buffer("ranges", torch.tensor([0.0, math.inf, 0.0, math.pi]))
 
 
+#: The default of :attr:`ShowerModel.chunk_points` (docs/benchmarks.md).
+DEFAULT_CHUNK_POINTS = 4096
+
+
 class ShowerModel(nn.Module):
     """Flow + point diffusion model. Build with a config dict (see ``DEFAULT_MODEL_CONFIG``),
     call :meth:`fit_normalization` on training showers, train with :meth:`flow_loss` and
     :meth:`point_loss`, and sample physics-frame showers with :meth:`sample`."""
+
+    #: Points per network pass when sampling (whole showers; ``None``: the whole batch at once).
+    #: Measured in docs/benchmarks.md ("chunked network passes"); it changes no number.
+    chunk_points: int | None = DEFAULT_CHUNK_POINTS
 
     def __init__(self, config: dict | None = None):
         super().__init__()
@@ -329,10 +337,12 @@ class ShowerModel(nn.Module):
         return (self.codec.encode(shape) - self.norm.shape_mean) / self.norm.shape_std
 
     def network(self, cond: torch.Tensor, batch: torch.Tensor, counts: torch.Tensor,
-                shape_y: torch.Tensor | None = None):
+                shape_y: torch.Tensor | None = None, chunk_points: int | None = None):
         """The raw point network as the objectives call it, ``net(x_in [P, 4], t [B])``, for
         showers with conditions ``cond``, point index ``batch`` and point counts ``counts``;
-        ``shape_y`` the :meth:`shape_context` (required with ``epic.shape_embed``)."""
+        ``shape_y`` the :meth:`shape_context` (required with ``epic.shape_embed``).
+        ``chunk_points``: run the per-point layers in chunks of about that many points
+        (inference with an EPiC backbone: the same numbers as one pass)."""
         ln_n = (counts.float().clamp(min=1).log() - self.norm.cond_stats[4]) / self.norm.cond_stats[5]
         after = [ln_n[:, None]]  # the conditioning vector: cond, time, ln N[, shape embedding]
         if self.shape_embed is not None:
@@ -341,9 +351,14 @@ class ShowerModel(nn.Module):
                                  "(epic.shape_embed): pass shape_y")
             after.append(self.shape_embed(shape_y.to(cond.dtype)))
 
+        # chunked passes where the backbone has them (EPiC): the same numbers, less memory
+        # traffic (docs/benchmarks.md)
+        extra = {"chunk_points": int(chunk_points)} if chunk_points and isinstance(
+            self.points_net, EPiCNetwork) else {}
+
         def net(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             full = torch.cat([cond, t[:, None].to(x_in.dtype), *after], 1)
-            return self.points_net(x_in, full, batch, counts)
+            return self.points_net(x_in, full, batch, counts, **extra)
 
         return net
 
@@ -476,7 +491,8 @@ class ShowerModel(nn.Module):
         torch.cumsum(counts, 0, out=ptr[1:])
         batch = torch.repeat_interleave(torch.arange(b, device=dev), counts)
         name = sampler or self.config["sampler"]
-        net = self.network(cond, batch, counts, self.shape_context(shape))
+        net = self.network(cond, batch, counts, self.shape_context(shape),
+                           chunk_points=self.chunk_points)
         if on_call is not None:
             raw = net
 
@@ -485,8 +501,10 @@ class ShowerModel(nn.Module):
                 on_call()
                 return out
 
-        x = self.objective.sample(net, (int(ptr[-1]), 4), batch, b,
-                                  int(steps or self.config["steps"]), name, generator)
+        with torch.inference_mode():  # no autograd bookkeeping in the sampler's loop
+            x = self.objective.sample(net, (int(ptr[-1]), 4), batch, b,
+                                      int(steps or self.config["steps"]), name, generator)
+        x = x.clone()  # an ordinary tensor again (inference tensors refuse autograd later)
         points = self.denormalize_points(x)
         if calibrate:
             points, ptr = self.postprocess(points, ptr, shape, generator)

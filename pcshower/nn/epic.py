@@ -26,6 +26,10 @@ from pcshower.nn.pooling import segment_mean, segment_sum
 
 __all__ = ["EPiCLayer", "EPiCNetwork"]
 
+#: The fewest rows of a chunk of :meth:`EPiCNetwork.forward` (chunk_points): matrix products of
+#: very few rows take other kernels (GEMV-like), whose sums round differently.
+_MIN_CHUNK = 256
+
 
 def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, hidden),
@@ -81,12 +85,55 @@ class EPiCNetwork(nn.Module):
         self.head = nn.Linear(point_dim + global_dim + cond_dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, batch: torch.Tensor,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
+                counts: torch.Tensor | None = None, chunk_points: int | None = None
+                ) -> torch.Tensor:
+        """``x [P, in_dim]``, ``cond [B, cond_dim]``, ``batch [P]``, ``counts [B]``.
+
+        ``chunk_points`` (without autograd): the per-point layers run on chunks of that many
+        points, written in place into one buffer, so that their temporaries stay small enough
+        for the allocator to reuse (a whole large batch's are mapped and faulted in afresh by
+        every op). The per-shower reductions and global MLPs still see all showers at once, so
+        the result is the one-pass result bit for bit (matrix products of 4 rows or more are
+        row-for-row the same whatever the number of rows: chunks never have fewer).
+        """
         b = cond.shape[0]
         if counts is None:
             counts = torch.bincount(batch, minlength=b)
+        if chunk_points is not None and not torch.is_grad_enabled() \
+                and x.shape[0] > chunk_points:
+            return self._forward_chunked(x, cond, batch, counts, int(chunk_points))
         points = torch.nn.functional.leaky_relu(self.embed(torch.cat([x, cond[batch]], -1)), 0.01)
         glob = self.global_init(torch.cat([segment_mean(points, batch, b, counts), cond], -1))
         for layer in self.layers:
             points, glob = layer(points, glob, cond, batch, counts)
         return self.head(torch.cat([points, glob[batch], cond[batch]], -1))
+
+    def _forward_chunked(self, x, cond, batch, counts, chunk: int) -> torch.Tensor:
+        b, total = cond.shape[0], x.shape[0]
+        step = max(chunk, _MIN_CHUNK)
+        cuts = list(range(0, total, step))
+        if total - cuts[-1] < _MIN_CHUNK and len(cuts) > 1:  # no short last chunk
+            cuts.pop()
+        spans = list(zip(cuts, cuts[1:] + [total]))
+        points = x.new_empty((total, self.embed.out_features))
+        for a, z in spans:
+            points[a:z] = torch.nn.functional.leaky_relu(
+                self.embed(torch.cat([x[a:z], cond[batch[a:z]]], -1)), 0.01)
+        glob = self.global_init(torch.cat([segment_mean(points, batch, b, counts), cond], -1))
+        for layer in self.layers:
+            total_p = segment_sum(points, batch, b)
+            mean = total_p / counts.clamp(min=1).to(points.dtype).unsqueeze(-1)
+            glob = glob + layer.global_mlp(torch.cat([glob, mean, total_p / layer.sum_scale,
+                                                      cond], -1))
+            per_shower = torch.cat([glob, cond], -1)
+            for a, z in spans:
+                points[a:z] += layer.point_mlp(torch.cat([points[a:z], per_shower[batch[a:z]]],
+                                                         -1))
+        out = None
+        per_shower = torch.cat([glob, cond], -1)
+        for a, z in spans:
+            part = self.head(torch.cat([points[a:z], per_shower[batch[a:z]]], -1))
+            if out is None:
+                out = part.new_empty((total, part.shape[1]))
+            out[a:z] = part
+        return out
