@@ -280,3 +280,23 @@ def test_dequantised_zero_fractions_decode_back_to_zero():
     assert bool((back.slice_points[shape.slice_points == 0] == 0).all())
     assert torch.allclose(back.slice_energy, shape.slice_energy, rtol=1e-4, atol=1e-6)
     assert torch.equal(back.slice_points, shape.slice_points)
+
+
+def test_fast_sampling_path_gives_the_autograd_paths_numbers_and_follows_training():
+    """Without autograd ShowerFlow.sample reuses each masked layer's mask * weight; the samples
+    must be the plain path's, and a weight update must not be hidden by the cache."""
+    torch.manual_seed(0)
+    flow = ShowerFlow(7, 3, transforms=2, hidden=(16, 16), bins=4, passes=2)
+    context = torch.randn(5, 3)
+    plain = flow.sample(context, torch.Generator().manual_seed(1)).detach()  # grad enabled
+    with torch.no_grad():
+        fast = flow.sample(context, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, fast) and not fast.is_inference()
+    opt = torch.optim.SGD(flow.parameters(), lr=0.1)
+    flow.log_prob(torch.randn(5, 7), context).mean().neg().backward()
+    opt.step()
+    after = flow.sample(context, torch.Generator().manual_seed(1)).detach()
+    with torch.no_grad():
+        fast_after = flow.sample(context, torch.Generator().manual_seed(1))
+    assert not torch.equal(after, plain) and torch.equal(after, fast_after)
+    assert "forward" not in vars(next(m for m in flow.modules() if hasattr(m, "mask")))
