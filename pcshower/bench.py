@@ -126,36 +126,66 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
 
 
 def time_reference_simulator(energies, theta: float, n: int, stack: str = "ild",
-                             repeats: int = 3) -> list[dict]:
-    """Milliseconds per shower of the parametrised reference engine (detector frame, with its
-    point reduction), on the current thread setting; ``theta`` is the global polar angle [rad]
-    that the geometry ``stack`` converts to its local incidence."""
+                             repeats: int = 3, engine: str = "parametrised") -> list[dict]:
+    """Milliseconds per shower of one of the project's engines (``parametrised`` or
+    ``geant4``; detector frame, with its point reduction), on the current thread setting;
+    ``theta`` is the global polar angle [rad] that the geometry ``stack`` converts to its local
+    incidence. Geant4 is timed after one untimed shower (its geometry and tables are built on
+    first use, once per process)."""
     from pcshower.simulate import simulate
 
     rows = []
+    if engine == "geant4":
+        simulate(1, float(energies[0]), theta, 0.0, stack=stack, frame="detector", seed=2,
+                 engine=engine)
     for energy in energies:
         seconds = time_call(lambda: simulate(n, energy, theta, 0.0, stack=stack, frame="detector",
-                                             seed=3), torch.device("cpu"), repeats)
-        rows.append({"energy_gev": float(energy), "n": n, "ms_per_shower": 1e3 * seconds / n})
+                                             seed=3, engine=engine), torch.device("cpu"),
+                            repeats, warmup=0 if engine == "geant4" else 1)
+        rows.append({"engine": engine, "energy_gev": float(energy), "n": n,
+                     "ms_per_shower": 1e3 * seconds / n})
     return rows
+
+
+def ratios(result: dict) -> list[dict]:
+    """Each engine's time per shower over ``generate()``'s, same energy and thread setting, same
+    run: how many times faster the model is than the engine (below 1: slower)."""
+    out = []
+    for run in result["runs"]:
+        for ref in result["reference"]:
+            if ref["energy_gev"] == run["energy_gev"] and ref.get("threads") == run.get("threads"):
+                out.append({"threads": run.get("threads"), "energy_gev": run["energy_gev"],
+                            "steps": run["steps"], "batch": run["batch"],
+                            "engine": ref.get("engine", "parametrised"),
+                            "engine_ms": ref["ms_per_shower"], "generate_ms": run["end_to_end_ms"],
+                            "speed_up": ref["ms_per_shower"] / run["end_to_end_ms"]})
+    return out
 
 
 def run_benchmark(*, model=None, geometry: str | None = "ild", device=None,
                   threads=(1, None), steps=DEFAULT_STEPS, batch_sizes=DEFAULT_BATCH_SIZES,
                   energies=DEFAULT_ENERGIES, theta_deg: float = 90.0, repeats: int = 3,
                   budget_s: float = 30.0, dtype: str = "float32", reference_n: int = 200,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, against=("parametrised",),
+                  geant4_n: int = 10) -> dict:
     """Time the pipeline over steps × batch sizes × energies for each thread setting.
 
     A configuration whose predicted time (per-shower time of the previous batch size × batch ×
     (repeats + 1) × 3 timed calls) exceeds ``budget_s`` is skipped and listed as skipped, so a
-    CPU sweep stays bounded. ``threads=None`` means all cores.
+    CPU sweep stays bounded. ``threads=None`` means all cores. ``against``: the project's
+    engines timed in the same run on the same showers' conditions (``reference_n`` showers for
+    the parametrised engine, ``geant4_n`` for Geant4), reported with the ratios (:func:`ratios`).
     """
     from tqdm.auto import tqdm
 
     from pcshower.geometry import load_geometry
     from pcshower.models.generate import resolve_model
 
+    from pcshower.simulate.api import get_engine
+
+    against = tuple(against or ())
+    for engine in against:
+        get_engine(engine)  # a clear error now if it is unknown or cannot load (geant4 extra)
     device = resolve_device(device)
     net = resolve_model(model, device).eval()
     geom = load_geometry(geometry) if isinstance(geometry, str) else geometry
@@ -189,11 +219,15 @@ def run_benchmark(*, model=None, geometry: str | None = "ild", device=None,
         for t in thread_settings:
             n_threads = all_threads if t is None else int(t)
             torch.set_num_threads(n_threads)
-            for row in time_reference_simulator(energies, theta=theta,
-                                                n=reference_n, repeats=repeats):
-                row["threads"] = n_threads
-                result["reference"].append(row)
+            for engine in against:
+                n = reference_n if engine == "parametrised" else geant4_n
+                for row in time_reference_simulator(energies, theta=theta, n=n,
+                                                    repeats=repeats if engine == "parametrised"
+                                                    else 1, engine=engine):
+                    row["threads"] = n_threads
+                    result["reference"].append(row)
     torch.set_num_threads(all_threads)
+    result["ratios"] = ratios(result)
     return result
 
 
@@ -219,10 +253,19 @@ def markdown_table(result: dict) -> str:
             f"{s['threads']} thr/{s['energy_gev']:g} GeV/{s['steps']} steps/batch {s['batch']}"
             for s in result["skipped"])]
     if result["reference"]:
-        lines += ["", "Reference simulator (parametrised GFlash engine, ILD detector frame, same machine):",
-                  "", "| threads | E [GeV] | showers | ms/shower |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['threads']} | {r['energy_gev']:g} | {r['n']} | {r['ms_per_shower']:.3g} |"
-                  for r in result["reference"]]
+        lines += ["", "The project's engines in the same run (detector frame, same geometry and "
+                  "conditions):", "", "| engine | threads | E [GeV] | showers | ms/shower |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r.get('engine', 'parametrised')} | {r['threads']} | {r['energy_gev']:g} | "
+                  f"{r['n']} | {r['ms_per_shower']:.3g} |" for r in result["reference"]]
+    if result.get("ratios"):
+        lines += ["", "generate() against each engine, same run (engine ms / generate() ms: "
+                  "above 1 the model is faster):", "",
+                  "| engine | threads | E [GeV] | steps | batch | engine ms | generate() ms | "
+                  "ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['engine']} | {r['threads']} | {r['energy_gev']:g} | {r['steps']} | "
+                  f"{r['batch']} | {r['engine_ms']:.3g} | {r['generate_ms']:.3g} | "
+                  f"**×{r['speed_up']:.3g}** |" for r in result["ratios"]]
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +334,12 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype of the networks")
     p.add_argument("--reference-n", type=int, default=200,
-                   help="showers for timing the reference simulator (0 to skip)")
+                   help="showers for timing the parametrised engine (0: no engines timed)")
+    p.add_argument("--against", default="parametrised", metavar="ENGINES",
+                   help="the project's engines timed in the same run, comma separated: "
+                        "parametrised, geant4 (needs the geant4 extra); the ratios are printed")
+    p.add_argument("--geant4-n", type=int, default=10,
+                   help="showers for timing the Geant4 engine (default 10)")
     p.set_defaults(func=_main)
 
 
@@ -304,7 +352,9 @@ def _main(args) -> int:
                            device=args.device, threads=threads, steps=args.steps,
                            batch_sizes=args.batch_sizes, energies=args.energies,
                            theta_deg=args.theta, repeats=args.repeats, budget_s=args.budget,
-                           dtype=args.dtype, reference_n=args.reference_n)
+                           dtype=args.dtype, reference_n=args.reference_n,
+                           against=[e.strip() for e in args.against.split(",") if e.strip()],
+                           geant4_n=args.geant4_n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{result['device_type']}_{args.dtype}"

@@ -47,8 +47,11 @@ def test_sweep_times_every_stage(tiny_model, tmp_path):
     assert [r["energy_gev"] for r in result["reference"]] == [20.0]
     assert result["reference"][0]["ms_per_shower"] > 0
     table = markdown_table(result)
-    runs_table, reference_table = table.split("Reference simulator")
-    assert runs_table.count("\n| 1 | 20 |") == 4 and reference_table.count("\n| 1 | 20 |") == 1
+    runs_table, rest = table.split("The project's engines")
+    reference_table, ratio_table = rest.split("generate() against each engine")
+    assert runs_table.count("\n| 1 | 20 |") == 4
+    assert reference_table.count("\n| parametrised | 1 | 20 |") == 1
+    assert ratio_table.count("\n| parametrised | 1 | 20 |") == 4  # one ratio per configuration
     assert "| 1 | 20 | 2 | 3 | 4 |" in runs_table  # steps, network calls, batch
     png = plot_scaling(result, tmp_path / "scaling.png")
     assert png.stat().st_size > 10_000
@@ -74,3 +77,16 @@ def test_cli_writes_json_and_table(tiny_model, tmp_path, monkeypatch):
     data = json.loads((tmp_path / "out" / "bench_cpu_float32.json").read_text())
     assert data["runs"][0]["batch"] == 2
     assert (tmp_path / "out" / "bench_cpu_float32.md").read_text().startswith("Device:")
+
+
+def test_engines_are_timed_in_the_same_run_and_given_as_ratios(tiny_model):
+    result = run_benchmark(model=tiny_model, geometry="ild", device="cpu", threads=(1,),
+                           steps=(1,), batch_sizes=(2,), energies=(20.0,), repeats=1,
+                           reference_n=4, progress=False, against=("parametrised",))
+    (run,), (ref,) = result["runs"], result["reference"]
+    (ratio,) = result["ratios"]
+    assert ref["engine"] == "parametrised" and ratio["engine"] == "parametrised"
+    assert ratio["speed_up"] == pytest.approx(ref["ms_per_shower"] / run["end_to_end_ms"])
+    assert "ratio" in markdown_table(result) and f"×{ratio['speed_up']:.3g}" in markdown_table(result)
+    with pytest.raises(ValueError, match="unknown engine 'geant5'"):
+        run_benchmark(model=tiny_model, against=("geant5",), progress=False)
