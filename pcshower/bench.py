@@ -103,6 +103,7 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
            "objective": model.objective.name, "sampler": model.config["sampler"],
            "network_calls": model.network_calls(steps),
            "points_per_shower": float(showers.num_points.float().mean()),
+           "network_points_per_shower": float(uncalibrated.num_points.float().mean()),
            "shape_ms": 1e3 * t_shape / batch,
            "points_ms": 1e3 * max(t_raw - t_shape, 0.0) / batch,
            "calibration_ms": 1e3 * t_cal / batch}
