@@ -30,7 +30,7 @@ EOF
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_models_points.py \
     tests/test_fewstep_models.py tests/test_generate.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
 # 2. the KeOps probe must refuse a crashing pykeops in a child process, never crash us
-python3 -c "from pcshower.evaluate import _keops; print('keops usable:', _keops.keops_available())" \
+python3 -c "from pcshower.evaluate import _keops; print('keops usable on cuda:', _keops.keops_available('cuda'))" \
     2>&1 | tail -2 | tee "$OUT/keops.txt"
 # 3. the speed table: 1 and 16 steps, batch 1 ... 8192, bf16 and float32
 for dtype in bfloat16 float32; do
