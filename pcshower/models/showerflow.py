@@ -269,7 +269,8 @@ class ShowerFlow(nn.Module):
         pass (10 passes a sample), and torch.distributions' argument checks are off."""
         if torch.is_grad_enabled():
             return self._sample(context, generator)
-        with torch.inference_mode(), _masked_weights_cached(self.flow), _no_validation():
+        with torch.inference_mode(), _masked_weights_cached(self.flow), _no_validation(), \
+                _plain_broadcast():
             y = self._sample(context, generator)
         return y.clone()  # an ordinary tensor (inference tensors refuse autograd later)
 
@@ -291,6 +292,45 @@ def _no_validation():
         yield
     finally:
         torch.distributions.Distribution.set_default_validate_args(before)
+
+
+def _shapes_broadcast(shapes) -> torch.Size:
+    """NumPy's broadcasting rule on shapes, in Python (``torch.broadcast_shapes`` imports sympy
+    on its first call: 0.5 s of a short job's start)."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for k in range(ndim):
+        sizes = {s[len(s) - ndim + k] for s in shapes if len(s) - ndim + k >= 0} - {1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} cannot be broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return torch.Size(out)
+
+
+@contextlib.contextmanager
+def _plain_broadcast():
+    """zuko's ``broadcast`` (features with context, spline knots with bins) with the shape rule
+    computed in Python instead of by ``torch.broadcast_shapes`` (same result)."""
+    import zuko.flows.autoregressive
+    import zuko.transforms
+
+    modules = (zuko.flows.autoregressive, zuko.transforms)
+    originals = [m.broadcast for m in modules]
+
+    def broadcast(*tensors, ignore=0):
+        ignores = [ignore] * len(tensors) if isinstance(ignore, int) else list(ignore)
+        dims = [t.dim() - i for t, i in zip(tensors, ignores)]
+        common = _shapes_broadcast([t.shape[:d] for t, d in zip(tensors, dims)])
+        return [t if t.shape[:d] == common else t.broadcast_to(common + t.shape[d:])
+                for t, d in zip(tensors, dims)]
+
+    for m in modules:
+        m.broadcast = broadcast
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.broadcast = original
 
 
 @contextlib.contextmanager
