@@ -115,10 +115,13 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
         total += t_proj
     row["total_ms"] = 1e3 * total / batch
     # timing only: a model without a training record (e.g. an untrained one) is timed too
-    t_e2e = time_call(lambda: generate(energy, math.degrees(theta), geometry=geometry, n=batch,
-                                       steps=steps, seed=1, device=device, model=model,
-                                       batch_size=batch, allow_extrapolation=True),
-                      device, repeats)
+    def end_to_end():
+        with _autocast(device, dtype):  # the dtype the stages above ran in
+            generate(energy, math.degrees(theta), geometry=geometry, n=batch, steps=steps,
+                     seed=1, device=device, model=model, batch_size=batch,
+                     allow_extrapolation=True)
+
+    t_e2e = time_call(end_to_end, device, repeats)
     row["end_to_end_ms"] = 1e3 * t_e2e / batch
     row["peak_device_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20
                               if device.type == "cuda" else None)
@@ -223,10 +226,15 @@ def run_benchmark(*, model=None, geometry: str | None = "ild", device=None,
             for engine in against:
                 n = reference_n if engine == "parametrised" else geant4_n
                 for row in time_reference_simulator(energies, theta=theta, n=n,
+                                                    stack=getattr(geom, "name", None) or "ild",
                                                     repeats=repeats if engine == "parametrised"
                                                     else 1, engine=engine):
                     row["threads"] = n_threads
                     result["reference"].append(row)
+    elif against and reference_n:
+        import warnings
+        warnings.warn(f"--against {','.join(against)}: the engines run on CPU and are timed only "
+                      f"in a CPU run (this one is on {device.type}); no ratios", stacklevel=2)
     torch.set_num_threads(all_threads)
     result["ratios"] = ratios(result)
     return result

@@ -83,12 +83,25 @@ def _dask_client(scheduler, workers: int | None, announce: bool):
             client = stack.enter_context(distributed.Client(cluster))
         else:
             client = stack.enter_context(distributed.Client(scheduler))
+        _check_single_threaded(client)
         if announce:
             link = client.dashboard_link if _has_bokeh() else None
             n = len(client.scheduler_info().get("workers", {}))
             print(f"pcshower: Dask scheduler {client.scheduler.address} with {n} workers"
                   + (f"; dashboard {link}" if link else ""), file=sys.stderr)
         yield client
+
+
+def _check_single_threaded(client) -> None:
+    """Refuse workers that run several tasks at once in one process: the engines (Geant4's run
+    manager, the cached model, torch's thread setting) are per process, not per thread."""
+    workers = client.scheduler_info().get("workers", {})
+    crowded = sorted(a for a, w in workers.items() if int(w.get("nthreads", 1)) > 1)
+    if crowded:
+        raise ValueError(f"Dask workers {', '.join(crowded[:3])}{' ...' if len(crowded) > 3 else ''}"
+                         " run several threads: pcshower runs one shard per process; start them "
+                         "with 'dask worker ADDRESS --nthreads 1 --nworkers N' (dask-jobqueue: "
+                         "processes=cores)")
 
 
 def _has_bokeh() -> bool:
@@ -117,8 +130,14 @@ def map_unordered(fn: Callable, jobs: Iterable, *, scheduler="processes",
         return
     if scheduler == "processes":
         n = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        if n == 1:
-            yield from map(fn, jobs)
+        if n == 1:  # in this process: the shard functions set torch's threads; restore them
+            import torch
+
+            threads = torch.get_num_threads()
+            try:
+                yield from map(fn, jobs)
+            finally:
+                torch.set_num_threads(threads)
             return
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread state
         with ctx.Pool(n) as pool:

@@ -288,3 +288,14 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert target.read_bytes() == b"done"
     assert not stale_old.exists() and not stale.exists()
     assert live.exists() and other_host.exists() and other_file.exists()
+
+
+def test_arrow_columns_from_numpy_keep_values_of_any_byte_order():
+    import numpy as np
+
+    from pcshower.io.parquet import _arrow
+
+    for dtype in ("<f8", ">f8", ">i4", "<f4"):
+        values = np.array([1.5, 2.5, -3.0]).astype(dtype)
+        assert _arrow(values).to_pylist() == [1.5, 2.5, -3.0]
+    assert _arrow(np.array([True, False])).to_pylist() == [True, False]

@@ -300,3 +300,48 @@ def test_fast_sampling_path_gives_the_autograd_paths_numbers_and_follows_trainin
         fast_after = flow.sample(context, torch.Generator().manual_seed(1))
     assert not torch.equal(after, plain) and torch.equal(after, fast_after)
     assert "forward" not in vars(next(m for m in flow.modules() if hasattr(m, "mask")))
+
+
+def test_fast_sampling_is_safe_from_threads_and_restores_zuko():
+    import threading
+
+    import zuko
+
+    torch.manual_seed(0)
+    flow = ShowerFlow(7, 3, transforms=2, hidden=(16, 16), bins=4, passes=2)
+    context = torch.randn(5, 3)
+    with torch.no_grad():
+        want = flow.sample(context, torch.Generator().manual_seed(1))
+    errors, results = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(10):
+                    results.append(flow.sample(context, torch.Generator().manual_seed(1)))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 40 and all(torch.equal(r, want) for r in results)
+    assert zuko.flows.autoregressive.broadcast is zuko.utils.broadcast
+    assert zuko.transforms.broadcast is zuko.utils.broadcast
+    assert not any("forward" in vars(m) for m in flow.modules())
+
+
+def test_fast_sampling_under_inference_mode_and_after_data_updates():
+    torch.manual_seed(0)
+    with torch.inference_mode():  # weights made as inference tensors
+        flow = ShowerFlow(7, 3, transforms=2, hidden=(16, 16), bins=4, passes=2)
+        flow.sample(torch.randn(2, 3))
+    flow = ShowerFlow(7, 3, transforms=2, hidden=(16, 16), bins=4, passes=2)
+    context = torch.randn(5, 3)
+    for p in flow.parameters():
+        p.data.mul_(1.1)  # bumps no version counter
+    plain = flow.sample(context, torch.Generator().manual_seed(1)).detach()
+    with torch.no_grad():
+        assert torch.equal(plain, flow.sample(context, torch.Generator().manual_seed(1)))

@@ -48,6 +48,13 @@ def test_scheduler_names_are_checked():
         _produce("unused", workers=0)
 
 
+def test_workers_with_several_threads_are_refused():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as c:
+        with pytest.raises(ValueError, match="--nthreads 1"):
+            list(map_unordered(abs, [1, 2], scheduler=c.scheduler_address))
+
+
 def test_map_unordered_runs_every_job_once_on_each_executor(cluster):
     _, client = cluster
     for scheduler in ("processes", client):
@@ -111,6 +118,13 @@ def test_a_sharded_generation_is_the_same_on_dask_resumes_and_matches_generate(t
     assert again["written"] == 0 and again["already_done"] == 3
     with pytest.raises(ValueError, match="different run"):
         generate_production(tmp_path / "local", workers=1, **{**kw, "steps": 2})
+    # the model is recorded by its digest: the same checkpoint elsewhere resumes the run
+    import shutil
+
+    from pcshower.models.generate import default_model_path
+    shutil.copy(default_model_path(), tmp_path / "copy.pt")
+    moved = generate_production(tmp_path / "local", workers=1, model=tmp_path / "copy.pt", **kw)
+    assert moved["already_done"] == 3
     # shard 2 (one shower) is what generate() makes from that shard's conditions and seed
     import json
     run = json.loads((tmp_path / "local" / "_run.json").read_text())["pcshower_run"]

@@ -101,8 +101,9 @@ def _arrow(values: np.ndarray) -> pa.Array:
     """A numeric NumPy array as an Arrow array over the same memory. (``pa.array`` on a NumPy
     array imports pandas, 0.4 s of a short ``pcshower generate``.)"""
     values = np.ascontiguousarray(values)
-    if values.dtype == np.bool_ or values.ndim != 1:
+    if values.dtype == np.bool_ or values.ndim != 1 or values.dtype.kind not in "iuf":
         return pa.array(values)
+    values = values.astype(values.dtype.newbyteorder("="), copy=False)  # Arrow is native-endian
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
                                  [None, pa.py_buffer(values)])
 

@@ -329,7 +329,7 @@ def _generate_sharded(args) -> int:
         geometry=geometry, model=args.model, particle=args.particle, seed=args.seed,
         shard_size=args.shard_size, steps=args.steps, sampler=args.sampler,
         batch_size=args.batch_size, allow_extrapolation=args.allow_extrapolation,
-        scheduler=args.scheduler, workers=args.workers, device=args.device or "cpu",
+        scheduler=args.scheduler, workers=args.workers, device=args.device,
         progress=not args.no_progress, shards=args.shards)
     print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
           f"({summary['written']} written now, {summary['already_done']} already done"

@@ -50,17 +50,24 @@ class Ranks:
         return self.rank == 0
 
     def start(self, device: torch.device) -> None:
-        """Join the process group (gloo on CPU, nccl on CUDA)."""
+        """Join the process group: gloo on CPU; on CUDA nccl for the gradients and gloo beside it
+        for the small CPU-side exchanges (normalisation sums, random states, digests), each rank
+        on its own GPU."""
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                torch.distributed.init_process_group("cpu:gloo,cuda:nccl")
+            else:
+                torch.distributed.init_process_group("gloo")
 
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     def device(self, device: torch.device) -> torch.device:
-        """A CUDA rank's own GPU (``cuda:LOCAL_RANK``)."""
-        if self.world > 1 and device.type == "cuda" and device.index is None:
+        """A CUDA rank's own GPU: ``cuda:LOCAL_RANK`` (a device index given on the command line
+        would put every rank of a node on one GPU; choose GPUs with CUDA_VISIBLE_DEVICES)."""
+        if self.world > 1 and device.type == "cuda":
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -98,11 +105,12 @@ class Ranks:
             torch.distributed.barrier()
 
     def share(self, batch: int, name: str) -> int:
-        """This rank's part of a global batch of ``batch`` showers."""
-        if batch < self.world:
-            raise ValueError(f"train.{name} ({batch}) is smaller than the {self.world} ranks: each "
-                             "rank needs at least one shower a step")
-        return batch // self.world + (1 if self.rank < batch % self.world else 0)
+        """This rank's part of a global batch of ``batch`` showers (equal parts: DDP averages
+        the ranks' gradients with equal weights)."""
+        if batch % self.world:
+            raise ValueError(f"train.{name} ({batch}) must be a multiple of the {self.world} ranks "
+                             "(each rank takes an equal part of the global batch)")
+        return batch // self.world
 
 
 @dataclass
@@ -157,6 +165,11 @@ def stream_training_data(path, model, tc: dict, ranks: Ranks, gen: torch.Generat
                           seed=int(tc["seed"]), rank=ranks.rank, world=ranks.world,
                           buffer_showers=int(tc["stream_buffer"]), exclude=val_mask, units=units)
     mine = stream.units[ranks.rank::ranks.world]
+    counts = ranks.gather(int(sum((~val_mask[u.first:u.first + u.rows]).sum() for u in mine)))
+    if min(counts) == 0:  # every rank stops here alike, before the collective sums
+        raise ValueError(f"{path}: rank {counts.index(0)} of {ranks.world} gets no training "
+                         f"showers (its row groups hold only validation showers); use fewer ranks, "
+                         "a smaller train.val_fraction, or more, smaller row groups")
     shapes, conds, sums, particles = [], [], None, set()
     for unit in tqdm(mine, disable=not (progress and ranks.main), desc="measure", unit="row group"):
         ids = np.arange(unit.first, unit.first + unit.rows)

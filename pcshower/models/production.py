@@ -95,7 +95,7 @@ def generate_production(out_dir, *, n: int, energy, theta=None, phi=0.0, geometr
            "theta_deg": list(parse_range(theta, "theta")),
            "phi_deg": list(parse_range(phi, "phi")), "particle": particle_code(particle),
            "geometry": None if geometry is None else str(geometry),
-           "model": str(model_path), "model_sha256": read_checkpoint(model_path)["sha256"],
+           "model_sha256": read_checkpoint(model_path)["sha256"],
            "steps": steps, "sampler": sampler, "batch_size": batch_size,
            "allow_extrapolation": bool(allow_extrapolation),
            "device": str(resolve_device(device))}
@@ -110,12 +110,13 @@ def generate_production(out_dir, *, n: int, energy, theta=None, phi=0.0, geometr
                          steps=steps, sampler=sampler, seed=_shard_seed(run, i), device=run["device"],
                          model=str(model_path), batch_size=batch_size,
                          allow_extrapolation=allow_extrapolation).close()
-        jobs.append((run, str(out), i))
+        jobs.append((run, str(out), i, str(model_path)))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    _check_or_write_manifest(out, {"pcshower_run": run})
+    # the model is recorded by its SHA-256 (compared on resume) and, for reading, its path
+    _check_or_write_manifest(out, {"pcshower_run": run, "model_path": str(model_path)})
     pending = [j for j in jobs if not all(
-        _shard_complete(p, np.diff(_shard_bounds(n, shard_size, j[2]))[0])
+        _shard_complete(p, np.diff(_shard_bounds(n, shard_size, j[2]))[0], "generating")
         for p in _paths(out, run, j[2]))]
     bar = None
     if progress:
@@ -145,7 +146,10 @@ def _generate_shard(job) -> int:
     from pcshower.io import ParquetBatchWriter
     from pcshower.models.generate import generate_batches
 
-    run, out, i = job
+    from pcshower.allocator import tune_allocator
+
+    run, out, i, model_path = job
+    tune_allocator()  # as pcshower generate does (docs/benchmarks.md, chunked passes)
     torch.set_num_threads(1)
     energy, theta, phi = _shard_conditions(run, i)
     paths = _paths(Path(out), run, i)
@@ -157,7 +161,7 @@ def _generate_shard(job) -> int:
         for part in generate_batches(energy, theta, run["geometry"], 1, phi=phi,
                                      particle=run["particle"], steps=run["steps"],
                                      sampler=run["sampler"], seed=_shard_seed(run, i),
-                                     device=run["device"], model=run["model"],
+                                     device=run["device"], model=model_path,
                                      batch_size=run["batch_size"],
                                      allow_extrapolation=run["allow_extrapolation"]):
             cpu = part.to("cpu")

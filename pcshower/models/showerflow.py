@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass, fields
 
 import torch
@@ -265,11 +266,12 @@ class ShowerFlow(nn.Module):
         """One sample per context row; the base noise comes from ``generator`` (reproducible).
 
         Without autograd the fixed costs of a call are cut (the same numbers): each masked
-        layer's ``mask * weight`` is formed once per weight version instead of at every network
-        pass (10 passes a sample), and torch.distributions' argument checks are off."""
+        layer's ``mask * weight`` is formed once per call instead of at each of its network
+        passes, and zuko's shape broadcasting runs in Python. These patch zuko's objects for the duration of the call, so fast calls are
+        serialised by a process-wide lock (threads sampling at once take turns)."""
         if torch.is_grad_enabled():
             return self._sample(context, generator)
-        with torch.inference_mode(), _masked_weights_cached(self.flow), _no_validation(), \
+        with _FAST_LOCK, torch.inference_mode(), _masked_weights_fixed(self.flow), \
                 _plain_broadcast():
             y = self._sample(context, generator)
         return y.clone()  # an ordinary tensor (inference tensors refuse autograd later)
@@ -283,15 +285,8 @@ class ShowerFlow(nn.Module):
         return dist.transform.inv(z)
 
 
-@contextlib.contextmanager
-def _no_validation():
-    """torch.distributions' argument checks off (they cost a third of a batch-1 sample)."""
-    before = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(before)
+#: Serialises ShowerFlow's fast sampling: it patches zuko's layers and functions for the call.
+_FAST_LOCK = threading.RLock()
 
 
 def _shapes_broadcast(shapes) -> torch.Size:
@@ -334,21 +329,15 @@ def _plain_broadcast():
 
 
 @contextlib.contextmanager
-def _masked_weights_cached(flow: nn.Module):
+def _masked_weights_fixed(flow: nn.Module):
     """zuko's ``MaskedLinear`` forms ``mask * weight`` (a bool-to-float copy and a product of the
-    whole weight) at every call; here each layer uses one product per weight version (kept on
-    the layer, recomputed after training changes the weight)."""
+    whole weight) at every call, twice a transform when sampling; here each layer forms it once
+    for the call."""
     patched = []
     for layer in flow.modules():
-        if isinstance(layer, zuko.nn.MaskedLinear):
-            key = (layer.weight._version, layer.weight.data_ptr(), layer.weight.device)
-            cached = getattr(layer, "_pcshower_masked", None)
-            if cached is None or cached[0] != key:
-                with torch.inference_mode(False), torch.no_grad():
-                    cached = (key, layer.mask * layer.weight)
-                layer._pcshower_masked = cached
-            layer.forward = functools.partial(torch.nn.functional.linear, weight=cached[1],
-                                              bias=layer.bias)
+        if isinstance(layer, zuko.nn.MaskedLinear) and "forward" not in vars(layer):
+            layer.forward = functools.partial(torch.nn.functional.linear,
+                                              weight=layer.mask * layer.weight, bias=layer.bias)
             patched.append(layer)
     try:
         yield

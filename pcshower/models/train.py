@@ -304,7 +304,8 @@ def _train(cfg, tc, data, out: Path, resume: bool, device, progress: bool, ranks
         train_set = train_set.to(device) if "points" in parts else None
     losses = _Losses(model)
     if ranks.world > 1:
-        losses = torch.nn.parallel.DistributedDataParallel(losses)
+        losses = torch.nn.parallel.DistributedDataParallel(
+            losses, device_ids=[device.index] if device.type == "cuda" else None)
 
     step, elapsed, rows = 0, 0.0, []
     if resume:

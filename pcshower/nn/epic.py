@@ -115,10 +115,13 @@ class EPiCNetwork(nn.Module):
         if total - cuts[-1] < _MIN_CHUNK and len(cuts) > 1:  # no short last chunk
             cuts.pop()
         spans = list(zip(cuts, cuts[1:] + [total]))
-        points = x.new_empty((total, self.embed.out_features))
+        points = None
         for a, z in spans:
-            points[a:z] = torch.nn.functional.leaky_relu(
+            part = torch.nn.functional.leaky_relu(
                 self.embed(torch.cat([x[a:z], cond[batch[a:z]]], -1)), 0.01)
+            if points is None:  # the activations' dtype (bf16 under autocast), as in one pass
+                points = part.new_empty((total, part.shape[1]))
+            points[a:z] = part
         glob = self.global_init(torch.cat([segment_mean(points, batch, b, counts), cond], -1))
         for layer in self.layers:
             total_p = segment_sum(points, batch, b)

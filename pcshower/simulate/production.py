@@ -284,7 +284,7 @@ def _shard_range(shards, num_shards: int) -> tuple[int, int]:
     return start, stop
 
 
-def _shard_complete(path: Path, rows: int) -> bool:
+def _shard_complete(path: Path, rows: int, redo: str = "simulating") -> bool:
     """True if ``path`` is a readable Parquet shard of ``rows`` showers. A shard damaged after
     it was written (truncated, overwritten, wrong row count) is reported and made again."""
     if not path.exists():
@@ -299,8 +299,7 @@ def _shard_complete(path: Path, rows: int) -> bool:
         if found == rows:
             return True
         reason = f"{found} showers where the run has {rows}"
-    print(f"pcshower: warning: {path} is damaged ({reason}): simulating it again",
-          file=sys.stderr)
+    print(f"pcshower: warning: {path} is damaged ({reason}): {redo} it again", file=sys.stderr)
     return False
 
 
