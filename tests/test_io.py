@@ -295,7 +295,8 @@ def test_arrow_columns_from_numpy_keep_values_of_any_byte_order():
 
     from pcshower.io.parquet import _arrow
 
-    for dtype in ("<f8", ">f8", ">i4", "<f4"):
-        values = np.array([1.5, 2.5, -3.0]).astype(dtype)
-        assert _arrow(values).to_pylist() == [1.5, 2.5, -3.0]
+    for dtype in ("<f8", ">f8", "<f4", ">f4"):
+        assert _arrow(np.array([1.5, 2.5, -3.0], dtype=dtype)).to_pylist() == [1.5, 2.5, -3.0]
+    for dtype in (">i4", "<i8"):
+        assert _arrow(np.array([1, 2, -3], dtype=dtype)).to_pylist() == [1, 2, -3]
     assert _arrow(np.array([True, False])).to_pylist() == [True, False]
