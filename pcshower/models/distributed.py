@@ -148,8 +148,6 @@ def stream_training_data(path, model, tc: dict, ranks: Ranks, gen: torch.Generat
     """One pass over this rank's row groups of ``path``: the validation split (the same
     ``val_fraction`` draw as an in-memory run, from ``gen``), the normalisation (set on ``model``,
     over all ranks), and the flow's data; returns them with the point stream."""
-    from dataclasses import fields
-
     from tqdm.auto import tqdm
 
     from pcshower.models.model import _check_physics
@@ -191,9 +189,7 @@ def stream_training_data(path, model, tc: dict, ranks: Ranks, gen: torch.Generat
         raise ValueError(f"rank {ranks.rank}: no training showers in its row groups of {path}")
     sums = ranks.add(sums)
     model.set_normalization(sums)
-    shape = ShowerShape(*(None if getattr(shapes[0], f.name) is None
-                          else torch.cat([getattr(s, f.name) for s in shapes])
-                          for f in fields(ShowerShape)))
+    shape = ShowerShape.concat(shapes)
     energy, theta, phi = (torch.cat([c[k] for c in conds]) for k in range(3))
     phis = ranks.gather([float(phi.min()), float(phi.max())])
     everyone = sorted(set().union(*ranks.gather(sorted(particles))))

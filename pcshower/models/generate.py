@@ -207,6 +207,14 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _check_seed(seed) -> int:
+    """``seed`` if it is an integer in [0, 2**64) (what torch and NumPy take), else a clear error."""
+    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+            and 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
 def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0,
                      position=None, particle="photon", steps: int | None = None,
                      seed: int | None = None, device=None, model=None,
@@ -222,9 +230,8 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     n = _positive_int("n", n)
     steps = None if steps is None else _positive_int("steps", steps)
     batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-                                 and 0 <= seed < 2 ** 64):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if seed is not None:
+        _check_seed(seed)
     device = resolve_device(device)
     net = resolve_model(model, device)
     e_arr = np.atleast_1d(np.asarray(energy, dtype=np.float64))

@@ -71,17 +71,15 @@ def generate_production(out_dir, *, n: int, energy, theta=None, phi=0.0, geometr
         A summary: directory, shards, written now, found done, showers.
     """
     from pcshower.models.checkpoint import read_checkpoint
-    from pcshower.models.generate import (_positive_int, default_model_path, generate_batches,
-                                          normal_incidence_deg)
+    from pcshower.models.generate import (_check_seed, _positive_int, default_model_path,
+                                          generate_batches, normal_incidence_deg)
     from pcshower.simulate.production import (_check_or_write_manifest, _shard_complete,
                                               _shard_range)
 
     n, shard_size = _positive_int("n", n), _positive_int("shard_size", shard_size)
     if workers is not None:
         _positive_int("workers", workers)
-    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-            and 0 <= seed < 2 ** 64):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    _check_seed(seed)
     scheduler = check_scheduler(scheduler)
     model_path = Path(model).resolve() if model is not None else default_model_path()
     if model_path.is_dir() or not model_path.is_file():

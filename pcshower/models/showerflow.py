@@ -75,6 +75,14 @@ class ShowerShape:
     slice_points: torch.Tensor
     ring_energy: torch.Tensor | None = None
 
+    @classmethod
+    def concat(cls, parts: list[ShowerShape]) -> ShowerShape:
+        """The shapes of several batches as one, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(None if getattr(parts[0], f.name) is None
+                     else torch.cat([getattr(s, f.name) for s in parts]) for f in fields(cls)))
+
 
 def slice_index(z: torch.Tensor, z_edges: torch.Tensor) -> torch.Tensor:
     """Depth slice of each depth ``z`` for slice edges ``z_edges [S+1]`` (X0); depths outside
@@ -160,12 +168,8 @@ class ShapeCodec:
         (each shower's sums run over its own points in the same order), with temporaries the
         size of a chunk instead of the whole set (measuring 50 000 showers of 4000 points at
         once needs ~10 GB of double-precision temporaries)."""
-        parts = [self.measure(part.points, part.batch, len(part)) for part in showers.split(chunk)]
-        if len(parts) == 1:
-            return parts[0]
-        return ShowerShape(*(None if getattr(parts[0], f.name) is None
-                             else torch.cat([getattr(s, f.name) for s in parts])
-                             for f in fields(ShowerShape)))
+        return ShowerShape.concat([self.measure(part.points, part.batch, len(part))
+                                   for part in showers.split(chunk)])
 
     def encode(self, shape: ShowerShape, u: torch.Tensor | None = None) -> torch.Tensor:
         """Feature vector; ``u [B]`` is the dequantisation noise (0.5 when None)."""
