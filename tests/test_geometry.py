@@ -16,7 +16,7 @@ from pcshower import Showers
 from pcshower.geometry import GeometryError, Placement, list_geometries, load_geometry
 
 BUILTIN = ["allegro", "calochallenge_ds1_photons", "calochallenge_ds1_pions", "calochallenge_ds2",
-           "calochallenge_ds3", "cld", "ild"]
+           "calochallenge_ds3", "cld", "ild", "odd", "par04_scipb"]
 
 
 def detector_shower(points, position, theta, phi, energy=10.0):
@@ -44,6 +44,15 @@ def test_builtin_geometries_load_and_have_published_counts():
     assert allegro.stack.num_layers == 2 + 10 * 4
     import pcshower
     assert pcshower.load_geometry("ILD") is load_geometry("ild")
+    # OpenDataDetector ECAL: 48 layers of 5.05 mm (OpenDataECal.xml), 16 staves + 2 endcaps
+    odd = load_geometry("odd")
+    assert odd.num_layers == 48 and odd.stack.total_thickness_mm == pytest.approx(242.4)
+    assert odd.summary()["modules"] == 18
+    # Par04 Sci-Pb: 45 x (4.4 mm Pb + 1.2 mm polystyrene) = 45 x 0.787 X0 (PDG X0: Pb 5.61 mm,
+    # polystyrene 413 mm), on an 18 x 50 x 45 mesh
+    par04 = load_geometry("par04_scipb")
+    assert par04.num_cells == 18 * 50 * 45 and par04.num_layers == 45
+    assert par04.summary()["depth_x0"] == pytest.approx(45 * (4.4 / 5.612 + 1.2 / 413.1), rel=2e-3)
 
 
 def test_unknown_name_lists_the_builtins():
@@ -537,3 +546,19 @@ def test_calochallenge_section_is_validated(tmp_path, section, match):
     path.write_text(text + f"\ncalochallenge: {section}\n")
     with pytest.raises(GeometryError, match=f"calochallenge.*{match}"):
         load_geometry(path)
+
+
+@pytest.mark.parametrize("name, theta", [("odd", math.pi / 2), ("par04_scipb", 0.0)])
+def test_the_new_stacks_keep_every_deposit_in_cells_or_outside(name, theta):
+    """Parametrised showers simulated in the stack's detector frame, projected on its readout:
+    the cells and the outside energy add up to the visible energy of each shower."""
+    from pcshower.simulate import simulate
+
+    showers = simulate(2, 50.0, theta, 0.0, stack=name, frame="detector", seed=4)
+    hits = load_geometry(name).project(showers, fluctuate=False)
+    owner = torch.repeat_interleave(torch.arange(len(showers)), hits.num_hits)
+    cells = torch.zeros(len(showers), dtype=torch.float64).index_add_(0, owner, hits.energy.double())
+    visible = torch.zeros(len(showers), dtype=torch.float64).index_add_(
+        0, showers.batch, showers.points[:, 3].double())
+    assert torch.allclose(cells + hits.outside_energy.double(), visible, rtol=1e-5)
+    assert (visible > 0.02 * 50e3).all()  # a sampling calorimeter's few per cent of 50 GeV
