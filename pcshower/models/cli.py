@@ -315,6 +315,7 @@ def _generate(args) -> int:
 def _generate_sharded(args) -> int:
     from pcshower.io._atomic import check_output
     from pcshower.models.production import generate_production
+    from pcshower.simulate.production import summary_line
 
     if Path(args.out).suffix.lower() in (".parquet", ".h5", ".hdf5"):
         raise ValueError(f"--out {args.out}: with --shard-size, --out is a directory of shards "
@@ -331,7 +332,5 @@ def _generate_sharded(args) -> int:
         batch_size=args.batch_size, allow_extrapolation=args.allow_extrapolation,
         scheduler=args.scheduler, workers=args.workers, device=args.device,
         progress=not args.no_progress, shards=args.shards)
-    print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
-          f"({summary['written']} written now, {summary['already_done']} already done"
-          + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
+    print(summary_line(summary))
     return 0

@@ -19,25 +19,23 @@ from pathlib import Path
 import numpy as np
 
 from pcshower.parallel import check_scheduler, map_unordered
+from pcshower.simulate.production import (_check_or_write_manifest, _shard_complete,
+                                          _shard_range, seed_of_shard, shard_span)
 from pcshower.units import parse_range, particle_code, resolve_device
 
 __all__ = ["generate_production"]
 
 
-def _shard_bounds(n: int, size: int, i: int) -> tuple[int, int]:
-    return i * size, min(n, (i + 1) * size)
-
-
 def _shard_conditions(run: dict, i: int):
     """Energies [GeV] and angles [deg] of shard ``i``: uniform in the run's ranges."""
-    a, b = _shard_bounds(run["n"], run["shard_size"], i)
+    a, b = shard_span(run["n"], run["shard_size"], i)
     rng = np.random.default_rng(np.random.SeedSequence([run["seed"], i, 0]))
     return tuple(rng.uniform(lo, hi, b - a) if hi > lo else np.full(b - a, lo)
                  for lo, hi in (run["energy_gev"], run["theta_deg"], run["phi_deg"]))
 
 
 def _shard_seed(run: dict, i: int) -> int:
-    return int(np.random.SeedSequence([run["seed"], i, 1]).generate_state(1, dtype=np.uint32)[0])
+    return seed_of_shard(run["seed"], i)
 
 
 def _paths(out: Path, run: dict, i: int) -> list[Path]:
@@ -73,8 +71,6 @@ def generate_production(out_dir, *, n: int, energy, theta=None, phi=0.0, geometr
     from pcshower.models.checkpoint import read_checkpoint
     from pcshower.models.generate import (_check_seed, _positive_int, default_model_path,
                                           generate_batches, normal_incidence_deg)
-    from pcshower.simulate.production import (_check_or_write_manifest, _shard_complete,
-                                              _shard_range)
 
     n, shard_size = _positive_int("n", n), _positive_int("shard_size", shard_size)
     if workers is not None:
@@ -114,12 +110,12 @@ def generate_production(out_dir, *, n: int, energy, theta=None, phi=0.0, geometr
     # the model is recorded by its SHA-256 (compared on resume) and, for reading, its path
     _check_or_write_manifest(out, {"pcshower_run": run, "model_path": str(model_path)})
     pending = [j for j in jobs if not all(
-        _shard_complete(p, np.diff(_shard_bounds(n, shard_size, j[2]))[0], "generating")
+        _shard_complete(p, np.diff(shard_span(n, shard_size, j[2]))[0], "generating")
         for p in _paths(out, run, j[2]))]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=sum(np.diff(_shard_bounds(n, shard_size, j[2]))[0] for j in pending),
+        bar = tqdm(total=sum(np.diff(shard_span(n, shard_size, j[2]))[0] for j in pending),
                    unit="shower", desc=f"generate -> {out}")
     try:
         for k in map_unordered(_generate_shard, pending, scheduler=scheduler, workers=workers):

@@ -105,7 +105,7 @@ def _parse_grid(text):
 
 def _run(args) -> int:
     from pcshower.io._atomic import check_output
-    from pcshower.simulate.production import produce
+    from pcshower.simulate.production import produce, summary_line
 
     check_output(args.out, directory=True)
     options = {}
@@ -120,9 +120,7 @@ def _run(args) -> int:
                       reduce=not args.no_reduce, grid=_parse_grid(args.grid),
                       workers=args.workers, progress=not args.no_progress,
                       shards=args.shards, engine_options=options, scheduler=args.scheduler)
-    print(f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
-          f"({summary['written']} written now, {summary['already_done']} already done"
-          + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
+    print(summary_line(summary))
     if "points_per_shower_before" in summary:
         print(f"points per shower: {summary['points_per_shower_before']:.0f} simulated, "
               f"{summary['points_per_shower_after']:.0f} after reduction")

@@ -96,7 +96,7 @@ class RunConfig:
         return max(1, math.ceil(self.n / self.shard_size)) if self.n else 0
 
     def shard_bounds(self, i: int) -> tuple[int, int]:
-        return i * self.shard_size, min(self.n, (i + 1) * self.shard_size)
+        return shard_span(self.n, self.shard_size, i)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -135,8 +135,18 @@ def shard_conditions(cfg: RunConfig, i: int):
     return energy, theta, phi
 
 
+def shard_span(n: int, shard_size: int, i: int) -> tuple[int, int]:
+    """First and past-the-last shower of shard ``i`` of a run of ``n`` (also sharded generate)."""
+    return i * shard_size, min(n, (i + 1) * shard_size)
+
+
+def seed_of_shard(seed: int, i: int) -> int:
+    """The engine (or sampler) seed of shard ``i``: from ``SeedSequence([seed, i, 1])``."""
+    return int(np.random.SeedSequence([seed, i, 1]).generate_state(1, dtype=np.uint32)[0])
+
+
 def shard_seed(cfg: RunConfig, i: int) -> int:
-    return int(np.random.SeedSequence([cfg.seed, i, 1]).generate_state(1, dtype=np.uint32)[0])
+    return seed_of_shard(cfg.seed, i)
 
 
 def _validate(cfg: RunConfig):
@@ -255,6 +265,13 @@ def produce(out_dir, *, n: int, energy, theta=0.0, phi=(0.0, 360.0), particle="p
         summary["points_per_shower_before"] = float(points[0]) / made
         summary["points_per_shower_after"] = float(points[1]) / made
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The one line ``pcshower simulate`` and sharded ``pcshower generate`` print at the end."""
+    return (f"{summary['directory']}: {summary['showers']} showers in {summary['shards']} shards "
+            f"({summary['written']} written now, {summary['already_done']} already done"
+            + (" of shards {}:{}".format(*summary["range"]) if "range" in summary else "") + ")")
 
 
 def shard_paths(out, cfg: RunConfig, i: int) -> list[Path]:
