@@ -37,6 +37,11 @@ def get_engine(name: str | Engine, **options) -> Engine:
     if callable(name):
         return functools.partial(name, **options) if options else name
     if name == "parametrised":
+        inside = sorted(k for k in options if k == "upstream" or k.startswith("fastsim"))
+        if inside:
+            raise ValueError(f"{', '.join(inside)}: only with the geant4 engine (the "
+                             "parametrised engine has no Geant4 tracks to stop or upstream "
+                             "material)")
         fn = simulate_parametrised
     elif name == "geant4":
         try:

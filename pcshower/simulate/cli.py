@@ -13,6 +13,8 @@ _EXAMPLE = """examples:
   pcshower simulate --stack ild --particle photon --energy 10:100 --theta 30:90 --n 100000 --out ild_photons
   pcshower simulate --stack "20x[W:2.1,Si:0.5:active]+10x[W:4.2,Si:0.5:active]" \\
       --energy 1:1000 --spectrum log --theta 0 --frame detector --n 10000 --out siw_det
+  pcshower simulate --engine geant4 --fastsim default --upstream Si:0.2 --frame detector \\
+      --energy 10:50 --theta 90 --n 100 --out ild_g4_fastsim
 Angles are in degrees (global angles for a named geometry; for a stack, the angle to its normal).
 Re-running the same command resumes an interrupted run."""
 
@@ -61,6 +63,30 @@ def register(subparsers) -> None:
                    help="where the shards run: processes (local worker processes, default), local "
                         "(a Dask LocalCluster), or a running Dask scheduler's address "
                         "tcp://HOST:PORT (a farm: docs/scale.md); the data set is the same")
+    g = p.add_argument_group(
+        "Geant4 fast-simulation hook and upstream material (--engine geant4; docs/integration.md)")
+    g.add_argument("--fastsim", default=None, metavar="MODEL",
+                   help="stop photons (and electrons, if the model knows them) that enter the "
+                        "stack above --fastsim-threshold at its front face and add the showers a "
+                        "pcshower model generates for them as hits: MODEL is a checkpoint path or "
+                        "'default' (the shipped model); needs --frame detector")
+    g.add_argument("--fastsim-threshold", type=float, default=None, metavar="GEV",
+                   help="kinetic energy in GeV above which the hook takes a particle over "
+                        "(default 1; particles outside the model's training range, 10-100 GeV "
+                        "for the shipped model, stay with Geant4 unless --fastsim-extrapolate)")
+    g.add_argument("--fastsim-particles", default=None, metavar="LIST",
+                   help="comma-separated photon,electron,positron to stop (default: those the "
+                        "model was trained on)")
+    g.add_argument("--fastsim-steps", type=int, default=None, metavar="N",
+                   help="sampler steps of the model (default: the model's own)")
+    g.add_argument("--fastsim-batch", type=int, default=None, metavar="N",
+                   help="stopped particles per generation pass (default 256)")
+    g.add_argument("--fastsim-extrapolate", action="store_true",
+                   help="also hand the model particles outside its training range")
+    g.add_argument("--upstream", default=None, metavar="MATERIAL:X0",
+                   help="a tracker-like slab of X0 radiation lengths in front of the stack, e.g. "
+                        "Si:0.2 or G4_Al:0.15 (Geant4 NIST names; thickness from Geant4's "
+                        "radiation length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
@@ -103,6 +129,47 @@ def _parse_grid(text):
         raise ValueError(f"--grid {text!r}: DX,DY,DZ must be numbers (DZ may be 'layer')") from None
 
 
+def _geant4_options(args) -> dict:
+    """The engine options of the hook and the upstream slab, checked before any work."""
+    hook = {"--fastsim-threshold": ("fastsim_threshold_gev", args.fastsim_threshold),
+            "--fastsim-particles": ("fastsim_particles", args.fastsim_particles),
+            "--fastsim-steps": ("fastsim_steps", args.fastsim_steps),
+            "--fastsim-batch": ("fastsim_batch_size", args.fastsim_batch),
+            "--fastsim-extrapolate": ("fastsim_extrapolate", args.fastsim_extrapolate or None)}
+    given = [flag for flag, (_, value) in hook.items() if value is not None]
+    if args.engine != "geant4":
+        used = (["--fastsim"] if args.fastsim is not None else []) + given + (
+            ["--upstream"] if args.upstream is not None else [])
+        if used:
+            raise ValueError(f"{', '.join(used)}: only with --engine geant4 (the {args.engine} "
+                             "engine has no Geant4 tracks to stop or upstream material)")
+        return {}
+    if args.fastsim is None and given:
+        raise ValueError(f"{', '.join(given)} set without --fastsim MODEL (a checkpoint path or "
+                         "'default')")
+    options = {}
+    if args.upstream is not None:
+        from pcshower.simulate.geant4.fastsim import Upstream, check_upstream_material
+
+        upstream = Upstream.parse(args.upstream)
+        check_upstream_material(upstream)  # an unknown material is an error now, not in a worker
+        options["upstream"] = str(upstream)
+    if args.fastsim is not None:
+        from pcshower.simulate.geant4.api import fastsim_config
+        from pcshower.simulate.geant4.fastsim import plan_hook
+        from pcshower.simulate.production import _resolve_stack_arg
+
+        options["fastsim"] = args.fastsim
+        options.update({key: value for key, value in hook.values() if value is not None})
+        config = fastsim_config(args.fastsim, args.frame,
+                                *(options.get(k) for k, _ in list(hook.values())[:4]),
+                                extrapolate=bool(args.fastsim_extrapolate))
+        # the model loaded and its ranges checked now (a missing or unreadable model, or one
+        # trained on none of the particles asked for, fails before the run is recorded)
+        plan_hook(config, _resolve_stack_arg(args.stack)[0])
+    return options
+
+
 def _run(args) -> int:
     from pcshower.io._atomic import check_output
     from pcshower.simulate.production import produce, summary_line
@@ -114,6 +181,7 @@ def _run(args) -> int:
             raise ValueError("--tune sets the parametrised engine's coefficients; drop it for "
                              f"--engine {args.engine}")
         options["tune"] = args.tune
+    options.update(_geant4_options(args))
     summary = produce(args.out, n=args.n, energy=args.energy, theta=args.theta, phi=args.phi,
                       particle=args.particle, stack=args.stack, frame=args.frame, seed=args.seed,
                       shard_size=args.shard_size, spectrum=args.spectrum, engine=args.engine,

@@ -34,7 +34,7 @@ from pcshower.units import BOTH_FRAMES, DETECTOR_FRAME, FRAMES, PHYSICS_FRAME, p
 from pcshower.simulate.geant4.engine import EventRecord, get_engine
 
 __all__ = ["simulate_geant4", "run_geant4", "to_physics_frame", "shower_axis_basis",
-           "physics_energy_scale"]
+           "physics_energy_scale", "fastsim_config"]
 
 
 def shower_axis_basis(theta, phi) -> np.ndarray:
@@ -99,13 +99,28 @@ def to_physics_frame(record: EventRecord, energy_gev, theta, phi, stack: Stack) 
 
 def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
                transverse_mm=1000.0, cut_mm: float = 0.7, physics: str = "em",
-               progress: bool | object = False, reference: bool = False) -> EventRecord:
+               progress: bool | object = False, reference: bool = False, impact_mm=None,
+               upstream=None, fastsim=None) -> EventRecord:
     """Low-level: run Geant4 and return the raw :class:`EventRecord` (points, per-slab deposits,
     leakage) — what the conservation tests and the engine comparison read. ``reference=True``
     also records the same events with the slow, independent stepping-action recorder
     (``record.reference_steps``; :func:`~pcshower.simulate.geant4.engine.reference_points`
-    makes points of them), to validate the production recording."""
+    makes points of them), to validate the production recording.
+
+    ``energy_gev`` ``[n, k]`` and ``impact_mm`` ``[n, k, 2]``: events of ``k`` primaries at
+    their own (x, y) on the front face. ``upstream``: ``"MATERIAL:X0"`` or an
+    :class:`~pcshower.simulate.geant4.fastsim.Upstream` slab in front of the stack (its deposits:
+    ``record.upstream_edep_mev``). ``fastsim``: a
+    :class:`~pcshower.simulate.geant4.fastsim.FastSim` configuration (or a model: a checkpoint
+    path or ``"default"``): the fast-simulation hook (``record.fastsim``)."""
+    from pcshower.simulate.geant4.fastsim import FastSim, FastSimHook, Upstream
+
     energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
+    upstream = Upstream.parse(upstream)
+    hook = None
+    if fastsim is not None:
+        config = fastsim if isinstance(fastsim, FastSim) else FastSim(model=str(fastsim))
+        hook = FastSimHook(config, stack, transverse_mm)
     engine = get_engine(cut_mm=cut_mm, physics=physics)
     if engine.cut_mm != float(cut_mm) or engine.physics != physics:
         raise ValueError(f"this process already runs Geant4 with physics={engine.physics!r}, "
@@ -119,15 +134,45 @@ def run_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int, *,
         bar = progress
     try:
         return engine.run(energy_gev, theta, phi, particle_code(particle), stack, seed,
-                          transverse_mm=transverse_mm, progress=bar, reference=reference)
+                          transverse_mm=transverse_mm, progress=bar, reference=reference,
+                          impact_mm=impact_mm, upstream=upstream, fastsim=hook)
     finally:
         if progress is True and bar is not None:
             bar.close()
 
 
+def fastsim_config(fastsim, frame: str, threshold_gev=None, particles=None, steps=None,
+                   batch_size=None, extrapolate: bool = False, device: str = "cpu"):
+    """The :class:`~pcshower.simulate.geant4.fastsim.FastSim` of the engine options (``None``
+    without ``fastsim``), checked: the hook's options need ``fastsim``, and its hits are
+    detector-frame hits (the model's showers arrive as visible deposits, with no per-slab
+    deposits for the physics frame's energy scale)."""
+    from pcshower.simulate.geant4.fastsim import FastSim
+
+    if fastsim is None:
+        given = [name for name, value in (("fastsim_threshold_gev", threshold_gev),
+                                          ("fastsim_particles", particles), ("fastsim_steps", steps),
+                                          ("fastsim_batch_size", batch_size)) if value is not None]
+        if given or extrapolate:
+            raise ValueError(f"{', '.join(given) or 'fastsim_extrapolate'} set without fastsim: "
+                             "name the hook's model (a checkpoint path or 'default')")
+        return None
+    if frame != DETECTOR_FRAME:
+        raise ValueError(f"the fastsim hook writes detector-frame hits; frame {frame!r} is not "
+                         "possible with it (use frame='detector', CLI: --frame detector)")
+    if isinstance(fastsim, FastSim):
+        return fastsim
+    return FastSim.from_options(str(fastsim), threshold_gev, particles, steps, batch_size,
+                                extrapolate, device)
+
+
 def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
                     frame: str = DETECTOR_FRAME, *, transverse_mm=1000.0, cut_mm: float = 0.7,
-                    physics: str = "em", progress: bool | object = False) -> Showers:
+                    physics: str = "em", progress: bool | object = False, upstream=None,
+                    fastsim: str | None = None, fastsim_threshold_gev: float | None = None,
+                    fastsim_particles=None, fastsim_steps: int | None = None,
+                    fastsim_batch_size: int | None = None, fastsim_extrapolate: bool = False,
+                    fastsim_device: str = "cpu") -> Showers:
     """Simulate showers with Geant4 in ``stack`` and return them, unreduced, as :class:`Showers`.
 
     Args:
@@ -146,6 +191,16 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
         cut_mm: Geant4 production cut.
         physics: ``"em"`` (G4EmStandardPhysics_option1, runs offline) or a reference list name.
         progress: ``True`` for a tqdm bar, or an object with ``update(n)``.
+        upstream: ``"MATERIAL:X0"`` (e.g. ``"Si:0.2"``): a tracker-like slab of that many
+            radiation lengths in front of the stack (:class:`~pcshower.simulate.geant4.fastsim.Upstream`).
+        fastsim: the fast-simulation hook's model, a checkpoint path or ``"default"``
+            (:mod:`pcshower.simulate.geant4.fastsim`): photons and electrons entering the stack
+            above ``fastsim_threshold_gev`` (default 1 GeV, narrowed to the model's training
+            range unless ``fastsim_extrapolate``) are stopped at its front face and their
+            showers generated and added as hits; detector frame only. ``fastsim_particles``
+            (default: those the model was trained on), ``fastsim_steps`` (sampler steps),
+            ``fastsim_batch_size`` (stopped particles per generation pass, default 256),
+            ``fastsim_device``: see :class:`~pcshower.simulate.geant4.fastsim.FastSim`.
 
     ``metadata["generator"]`` is ``geant4-approximate-lowenergy`` when the approximate tables are
     in use (see :mod:`pcshower.simulate.geant4.datasets`), else ``geant4``.
@@ -157,8 +212,11 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
     theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,)).copy()
     phi = np.broadcast_to(np.asarray(phi, dtype=np.float64), (n,)).copy()
     code = particle_code(particle)
+    config = fastsim_config(fastsim, frame, fastsim_threshold_gev, fastsim_particles,
+                            fastsim_steps, fastsim_batch_size, fastsim_extrapolate, fastsim_device)
     rec = run_geant4(energy_gev, theta, phi, code, stack, seed, transverse_mm=transverse_mm,
-                     cut_mm=cut_mm, physics=physics, progress=progress)
+                     cut_mm=cut_mm, physics=physics, progress=progress, upstream=upstream,
+                     fastsim=config)
     engine = get_engine()
     import geant4_pybind as g4  # already imported by the engine
 
@@ -173,6 +231,15 @@ def simulate_geant4(energy_gev, theta, phi, particle, stack: Stack, seed: int,
         # the physics frame's point energies carry their sampling cell's deposit (2026-12-03)
         "physics_energy": "per-cell deposit",
     }
+    if upstream is not None:
+        metadata["upstream"] = str(upstream)
+        metadata["upstream_mm"] = float(engine.upstream_mm)
+    if rec.fastsim is not None:
+        metadata.update(rec.fastsim.config)
+        metadata["fastsim_stopped"] = int(len(rec.fastsim.event))
+        visible = float(rec.points[:, 3].sum()) if len(rec.points) else 0.0
+        metadata["fastsim_hit_energy_fraction"] = (
+            float(rec.points[rec.fastsim.point_mask, 3].sum()) / visible if visible > 0 else 0.0)
     if engine.data.approximate:
         metadata["geant4_tables"] = engine.data.get("tables", "")
         metadata["warning"] = ("Geant4 ran with approximate low-energy EM tables (no data sets "

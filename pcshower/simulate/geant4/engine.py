@@ -31,6 +31,14 @@ charged steps in silicon are longer than 2.8 mm, up to ~2 cm for electrons runni
 
 Each event is seeded from ``(seed, event index)`` through NumPy's ``SeedSequence``, so a shower
 does not depend on how a job is split into calls, and the same seed gives identical steps.
+
+Optional, for studies inside a full simulation (both off by default, and then the geometry is
+exactly the one above): an *upstream* slab (tracker-like material in front of the stack, its own
+deposits counted in ``EventRecord.upstream_edep_mev``), and the *fast-simulation hook* of
+:mod:`pcshower.simulate.geant4.fastsim` (a 1 mm vacuum layer in front of the stack in which
+photons and electrons above a threshold are stopped at the front face and handed to a
+pcshower model). An event may also have several primaries (``energy_gev`` of shape [n, k]) with
+their own impact points on the front face (``impact_mm``).
 """
 
 from __future__ import annotations
@@ -69,7 +77,9 @@ class EventRecord:
     ``points`` [P, 4] (x, y, z, e) of active-slab deposits, ``ptr`` [B+1]; ``photon_step`` [P]
     True for the deposits of photon steps (post-step position), False for the pieces of
     charged steps (along the step); ``slab_edep_mev`` [B, S] energy deposited in every slab (active and passive);
-    ``leakage_mev`` [B]; ``active_steps`` [B] number of recorded steps. With the reference
+    ``leakage_mev`` [B]; ``active_steps`` [B] number of points recorded by Geant4 (the hook's
+    points, when it runs, are appended after them in each event and flagged in
+    ``fastsim.point_mask``; ``slab_edep_mev`` and ``leakage_mev`` are Geant4's alone). With the reference
     recorder on, ``reference_steps`` [R, 9] / ``reference_ptr`` [B+1] hold its independent
     recording of the same events (every depositing step in an active slab: pre-step x, y, z,
     post-step x, y, z, deposit, slab index, 1 if charged; :func:`reference_points` turns it
@@ -84,6 +94,11 @@ class EventRecord:
     photon_step: np.ndarray | None = None
     reference_steps: np.ndarray | None = None
     reference_ptr: np.ndarray | None = None
+    #: [B] Geant4's deposits in the upstream slab (MeV), None without one
+    upstream_edep_mev: np.ndarray | None = None
+    #: what the fast-simulation hook stopped and generated
+    #: (:class:`~pcshower.simulate.geant4.fastsim.FastSimRecord`), None without the hook
+    fastsim: object | None = None
 
     @property
     def deposited_mev(self) -> np.ndarray:
@@ -190,6 +205,10 @@ class Geant4Engine:
         self._initialized = False
         self.transverse_mm = (1000.0, 1000.0)
         self.stack: Stack | None = None
+        # optional upstream slab (fastsim.Upstream) and fast-simulation hook (fastsim.FastSimHook)
+        self.upstream = None
+        self.upstream_mm = 0.0
+        self.hook = None
 
     # ------------------------------------------------------------------ physics
     def _physics_list(self, physics: str):
@@ -321,16 +340,15 @@ class Geant4Engine:
             def GeneratePrimaries(self, event):
                 i = self.offset + event.GetEventID()
                 j = self.jobs
-                engine._direction = j["dir"][i]
                 seeds = j["seeds"][i]
                 g4.HepRandom.setTheSeeds([int(seeds[0]), int(seeds[1]), 0])
-                d = j["dir"][i]
-                p = j["pos"][i]
                 self.gun.SetParticleDefinition(j["particle_def"])
-                self.gun.SetParticleEnergy(float(j["energy_mev"][i]) * g4.MeV)
-                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(*map(float, d)))
-                self.gun.SetParticlePosition(g4.G4ThreeVector(*map(float, p)))
-                self.gun.GeneratePrimaryVertex(event)
+                # one vertex per primary of the event (one, unless energies are [n, k])
+                for d, p, e in zip(j["dir"][i], j["pos"][i], j["energy_mev"][i]):
+                    self.gun.SetParticleEnergy(float(e) * g4.MeV)
+                    self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(*map(float, d)))
+                    self.gun.SetParticlePosition(g4.G4ThreeVector(*map(float, p)))
+                    self.gun.GeneratePrimaryVertex(event)
 
         class EventAction(g4.G4UserEventAction):
             def __init__(self, eng):
@@ -373,16 +391,25 @@ class Geant4Engine:
         cx = 0.5 * depth * math.tan(self.axis_theta) * math.cos(self.axis_phi)
         cy = 0.5 * depth * math.tan(self.axis_theta) * math.sin(self.axis_phi)
         margin = 10.0
-        env_half = (0.5 * wx + abs(cx) + margin, 0.5 * wy + abs(cy) + margin, 0.5 * depth + margin)
-        # the world must be centred on the origin; the envelope sits at z = depth / 2 inside it
-        world_half = (env_half[0] + margin, env_half[1] + margin, depth + 2.0 * margin)
         v = self._geometry_version
+        # material in front of the stack (upstream slab, the hook's entrance layer): z in [-front, 0]
+        from pcshower.simulate.geant4.fastsim import ENTRANCE_MM, upstream_material
+
+        up_mat, self.upstream_mm = (None, 0.0) if self.upstream is None else \
+            upstream_material(self.upstream, nist, g4)
+        entrance = ENTRANCE_MM if self.hook is not None else 0.0
+        front = self.upstream_mm + entrance
+        env_half = (0.5 * wx + abs(cx) + margin, 0.5 * wy + abs(cy) + margin,
+                    0.5 * (depth + front) + margin)
+        env_z = 0.5 * (depth - front)  # the envelope's centre (depth / 2 with nothing in front)
+        # the world must be centred on the origin; the envelope sits at z = env_z inside it
+        world_half = (env_half[0] + margin, env_half[1] + margin, max(depth, front) + 2.0 * margin)
         world_s = g4.G4Box(f"World{v}", *world_half)
         world_lv = g4.G4LogicalVolume(world_s, vacuum, f"World{v}")
         world_pv = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_lv, f"World{v}", None, False, 0)
         env_s = g4.G4Box(f"Envelope{v}", *env_half)
         env_lv = g4.G4LogicalVolume(env_s, vacuum, f"Envelope{v}")
-        env_pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, 0.5 * depth), env_lv, f"Envelope{v}", world_lv, False, 0)
+        env_pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, env_z), env_lv, f"Envelope{v}", world_lv, False, 0)
         edges = stack.z_edges_mm
         self.active_lvs, self.passive_lvs = [], []
         keep = [world_s, world_lv, world_pv, env_s, env_lv, env_pv]
@@ -393,11 +420,26 @@ class Geant4Engine:
                                  f"(slab {i} of stack {stack.name!r})")
             s = g4.G4Box(f"Slab{v}_{i}", 0.5 * wx, 0.5 * wy, 0.5 * slab.thickness_mm)
             lv = g4.G4LogicalVolume(s, mat, f"Slab{v}_{i}")
-            zc = 0.5 * (edges[i] + edges[i + 1]) - 0.5 * depth  # envelope is centred at depth/2
+            zc = 0.5 * (edges[i] + edges[i + 1]) - env_z
             pv = g4.G4PVPlacement(None, g4.G4ThreeVector(cx, cy, zc), lv, f"Slab{v}_{i}", env_lv,
                                   False, i)
             (self.active_lvs if slab.active else self.passive_lvs).append(lv)
             keep += [s, lv, pv]
+        # in front, centred like the slabs: the upstream slab (copy number = number of slabs, so
+        # the passive scorer books its deposits apart) and the hook's vacuum entrance layer
+        self.upstream_lv = self.entrance_lv = None
+        for name, thick, z_back, mat, copy in (
+                ("Upstream", self.upstream_mm, -entrance, up_mat, len(stack.slabs)),
+                ("Entrance", entrance, 0.0, vacuum, 0)):
+            if thick <= 0:
+                continue
+            s = g4.G4Box(f"{name}{v}", 0.5 * wx, 0.5 * wy, 0.5 * thick)
+            lv = g4.G4LogicalVolume(s, mat, f"{name}{v}")
+            pv = g4.G4PVPlacement(None, g4.G4ThreeVector(cx, cy, z_back - 0.5 * thick - env_z), lv,
+                                  f"{name}{v}", env_lv, False, copy)
+            setattr(self, f"{name.lower()}_lv", lv)
+            keep += [s, lv, pv]
+        self.front_mm = front
         self.world_lv = world_lv
         self._keep.append(keep)
         return world_pv
@@ -427,23 +469,32 @@ class Geant4Engine:
         sdm.AddNewDetector(self.leak_sd)
         for lv in self.active_lvs:
             lv.SetSensitiveDetector(active)
-        for lv in self.passive_lvs:
+        for lv in self.passive_lvs + ([self.upstream_lv] if self.upstream_lv is not None else []):
             lv.SetSensitiveDetector(self.passive_mfd)
         self.world_lv.SetSensitiveDetector(self.leak_sd)
-        self.passive_hc_id = sdm.GetCollectionID(f"pcsPassive{v}/edep") if self.passive_lvs else -1
+        self.passive_hc_id = sdm.GetCollectionID(f"pcsPassive{v}/edep") \
+            if self.passive_lvs or self.upstream_lv is not None else -1
+        if self.entrance_lv is not None:
+            keep += self.hook.attach(self, self.entrance_lv, sdm, v)
         self.reference_recorder.active_names = {lv.GetName() for lv in self.active_lvs}
         keep += [self.charged_scorer, charged, self.photon_scorer, neutral, active,
                  self.passive_mfd, scorer, self.leak_sd]
         self._keep.append(keep)
 
-    def set_geometry(self, stack: Stack, transverse_mm, theta: float, phi: float) -> None:
-        """Build (or rebuild, when anything changed) the geometry for ``stack``."""
+    def set_geometry(self, stack: Stack, transverse_mm, theta: float, phi: float, *,
+                     upstream=None, hook=None) -> None:
+        """Build (or rebuild, when anything changed) the geometry for ``stack``, with an
+        optional upstream slab (:class:`~pcshower.simulate.geant4.fastsim.Upstream`) and the
+        fast-simulation hook's entrance layer (a :class:`~pcshower.simulate.geant4.fastsim.FastSimHook`)."""
         if not isinstance(stack, Stack):
             raise ValueError(f"stack must be a pcshower.physics.Stack, got {type(stack).__name__}")
         tx, ty = (transverse_mm, transverse_mm) if np.isscalar(transverse_mm) else transverse_mm
-        key = (stack, float(tx), float(ty), round(float(theta), 9), round(float(phi), 9))
+        key = (stack, float(tx), float(ty), round(float(theta), 9), round(float(phi), 9),
+               upstream, None if hook is None else hook.geometry_key)
+        self.hook = hook  # the entrance scorer (of this or an unchanged geometry) calls it
         if key == self._geometry_key:
             return
+        self.upstream = upstream
         self.stack, self.transverse_mm = stack, (float(tx), float(ty))
         self.axis_theta, self.axis_phi = float(theta), float(phi)
         self._geometry_version += 1
@@ -464,6 +515,8 @@ class Geant4Engine:
         self.photon_scorer.buf = []
         self.reference_recorder.buf = []
         self.leak_sd.leak = 0.0
+        if self.hook is not None:
+            self.hook.begin_event(len(self._out_points))
 
     def _end_event(self, event):
         charged = np.asarray(self.charged_scorer.buf, dtype=np.float64).reshape(-1, 7)
@@ -471,7 +524,7 @@ class Geant4Engine:
         photon = np.asarray(self.photon_scorer.buf, dtype=np.float64).reshape(-1, 4)
         pts = np.concatenate([np.c_[charged, np.zeros(len(charged))], np.c_[photon, np.ones(len(photon))]])
         n_slabs = len(self.stack.slabs)
-        passive = np.zeros(n_slabs)
+        passive = np.zeros(n_slabs + 1)  # the last entry: the upstream slab
         hce = event.GetHCofThisEvent()
         if self.passive_hc_id >= 0:
             for copy_no, value in hce.GetHC(self.passive_hc_id):
@@ -482,8 +535,11 @@ class Geant4Engine:
             slab = np.searchsorted(self.stack.z_edges_mm, pts[:, 2], side="right") - 1
             active = np.bincount(np.clip(slab, 0, n_slabs - 1), weights=pts[:, 3], minlength=n_slabs)
         self._out_points.append(pts)
-        self._out_edep.append(passive + active)
+        self._out_edep.append(passive[:n_slabs] + active)
+        self._out_upstream.append(passive[n_slabs])
         self._out_leak.append(self.leak_sd.leak)
+        if self.hook is not None:
+            self.hook.end_event()
         if self._reference_on:
             self._out_reference.append(np.asarray(self.reference_recorder.buf,
                                                   dtype=np.float64).reshape(-1, 9))
@@ -496,18 +552,42 @@ class Geant4Engine:
 
     # ------------------------------------------------------------------ running
     def run(self, energy_gev, theta, phi, particle: int, stack: Stack, seed: int, *,
-            transverse_mm=1000.0, progress=None, reference: bool = False) -> EventRecord:
+            transverse_mm=1000.0, progress=None, reference: bool = False, impact_mm=None,
+            upstream=None, fastsim=None) -> EventRecord:
         """Simulate one shower per entry of ``energy_gev``/``theta``/``phi`` (radians).
 
         ``progress``: an object with ``update(n)`` (a tqdm bar) advanced every 10 events.
         ``reference``: also record the events with the independent stepping-action recorder
         (about twice the CPU time; for validation).
+        ``energy_gev`` of shape ``[n, k]``: events of ``k`` primaries each (same particle),
+        ``theta``/``phi`` broadcast to it; ``impact_mm`` ``[n, k, 2]`` (or ``[n, 2]`` for one
+        primary) their (x, y) on the front face (default: the origin).
+        ``upstream``: an :class:`~pcshower.simulate.geant4.fastsim.Upstream` slab in front of the
+        stack (the primaries start in front of it, aimed at their impact points).
+        ``fastsim``: a :class:`~pcshower.simulate.geant4.fastsim.FastSimHook` (the record's
+        ``fastsim`` then holds what it stopped; its points are appended to each event's).
         """
         g4 = self.g4
         energy_gev = np.atleast_1d(np.asarray(energy_gev, dtype=np.float64))
-        n = len(energy_gev)
-        theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,))
-        phi = np.broadcast_to(np.asarray(phi, dtype=np.float64), (n,))
+        if energy_gev.ndim > 2:
+            raise ValueError("energy_gev must be [n] (one primary per event) or [n, k]")
+        if energy_gev.ndim == 1:
+            energy_gev = energy_gev[:, None]
+        n, k = energy_gev.shape
+        theta = np.broadcast_to(np.asarray(theta, dtype=np.float64).reshape(
+            (-1, 1) if np.ndim(theta) == 1 else np.shape(theta)), (n, k))
+        phi = np.broadcast_to(np.asarray(phi, dtype=np.float64).reshape(
+            (-1, 1) if np.ndim(phi) == 1 else np.shape(phi)), (n, k))
+        impact = np.zeros((n, k, 2))
+        if impact_mm is not None:
+            given = np.asarray(impact_mm, dtype=np.float64)
+            try:
+                impact[:] = given.reshape(n, k, 2) if given.size == n * k * 2 else given
+            except ValueError:
+                raise ValueError(f"impact_mm must be [n, k, 2] = [{n}, {k}, 2] mm, got shape "
+                                 f"{given.shape}") from None
+            if not np.isfinite(impact).all():
+                raise ValueError("impact_mm must be finite (mm)")
         particle = int(particle)
         if particle not in PDG_TO_G4:
             raise ValueError(f"the geant4 engine cannot shoot PDG {particle}; "
@@ -527,16 +607,22 @@ class Geant4Engine:
                                active_steps=np.zeros(0, dtype=np.int64),
                                photon_step=np.zeros(0, dtype=bool))
         # one geometry per call: centred on the mean axis (slabs are wide enough for the spread)
-        self.set_geometry(stack, transverse_mm, float(np.mean(theta)), float(np.mean(phi)))
+        self.set_geometry(stack, transverse_mm, float(np.mean(theta)), float(np.mean(phi)),
+                          upstream=upstream, hook=fastsim)
         direction = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
-                              np.cos(theta)], axis=1)
-        # start 1 µm in front of the front face, inside the vacuum envelope
-        pos = -1e-3 * direction
+                              np.cos(theta)], axis=-1)
+        # start 1 µm in front of whatever is in front of the face (the vacuum envelope), on the
+        # line through the impact point
+        back = (1e-3 + self.front_mm / np.cos(theta))[..., None]
+        pos = np.concatenate([impact, np.zeros((n, k, 1))], axis=-1) - back * direction
         pdef = g4.G4ParticleTable.GetParticleTable().FindParticle(PDG_TO_G4[particle])
         self.actions.gun.jobs = {"seeds": _event_seeds(seed, n), "dir": direction, "pos": pos,
                                  "energy_mev": energy_gev * 1000.0, "particle_def": pdef}
         self._out_points, self._out_edep, self._out_leak, self._out_reference = [], [], [], []
+        self._out_upstream = []
         self._set_reference(bool(reference))
+        if fastsim is not None:
+            fastsim.begin_run(seed)
         try:
             # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
             chunk = n if progress is None else max(1, min(n, 10))
@@ -546,15 +632,27 @@ class Geant4Engine:
                 self.run_manager.BeamOn(stop - start)
                 if progress is not None:
                     progress.update(stop - start)
+            fast = fastsim.end_run(n) if fastsim is not None else None
         finally:
             self._set_reference(False)
+            self.hook = None  # a later run without the hook must not call this one
         counts = np.array([len(p) for p in self._out_points], dtype=np.int64)
-        ptr = np.concatenate([[0], np.cumsum(counts)])
+        if fast is not None:
+            # each event's generated points after its Geant4 points (flag column 2: the hook)
+            self._out_points = [np.concatenate([p, np.c_[h, np.full(len(h), 2.0)]])
+                                for p, h in zip(self._out_points, fast.points_per_event)]
+        ptr = np.concatenate([[0], np.cumsum([len(p) for p in self._out_points])])
         points = np.concatenate(self._out_points)
         record = EventRecord(points=np.ascontiguousarray(points[:, :4]), ptr=ptr,
                              slab_edep_mev=np.stack(self._out_edep),
                              leakage_mev=np.asarray(self._out_leak), active_steps=counts,
-                             photon_step=points[:, 4] > 0.5)
+                             photon_step=points[:, 4] == 1.0)
+        if upstream is not None:
+            record.upstream_edep_mev = np.asarray(self._out_upstream)
+        if fast is not None:
+            fast.point_mask = points[:, 4] == 2.0
+            fast.points_per_event = None  # now in record.points
+            record.fastsim = fast
         if reference:
             ref_counts = [len(p) for p in self._out_reference]
             record.reference_steps = np.concatenate(self._out_reference)
