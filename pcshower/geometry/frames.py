@@ -182,5 +182,8 @@ class CylinderSurface:
 def _frames(o, u, v, n, module, impact_uv, direction) -> ShowerFrames:
     du, dv, dn = (direction * u).sum(-1), (direction * v).sum(-1), (direction * n).sum(-1)
     theta_local = torch.acos(dn.clamp(-1.0, 1.0))
-    phi_local = torch.atan2(dv, du)
+    # the azimuth of a direction along the normal is undefined: 0, not the angle of the
+    # round-off in its transverse components (cos(pi/2) = 6e-17 made it 90 deg on a barrel)
+    transverse = torch.hypot(du, dv)
+    phi_local = torch.where(transverse < 1e-12, torch.zeros_like(du), torch.atan2(dv, du))
     return ShowerFrames(o, u, v, n, module, impact_uv, theta_local, phi_local)
