@@ -315,12 +315,7 @@ class Geometry:
                              f"frame showers {where}, not physics-frame ones for {self.name!r}")
         position, theta, phi = (placement or Placement()).resolve(showers)
         p = self._place(showers, placement, generator, fluctuate)
-        kept = torch.nonzero(p.keep).flatten()
-        du, dv, w, layer, depth = (t.index_select(0, kept) for t in (p.du, p.dv, p.w, p.layer, p.depth))
-        moved = torch.nonzero(self._layer_of_depth(depth) != layer).flatten()
-        if moved.numel():
-            du, dv, w = du.clone(), dv.clone(), w.clone()
-            du[moved], dv[moved], w[moved] = self._into_active_slab(p, kept.index_select(0, moved))
+        du, dv, w, kept = self._visible_points(p)
         batch = p.batch.index_select(0, kept)
         n = len(showers)
         ptr = torch.zeros(n + 1, dtype=torch.int64, device=batch.device)
@@ -339,6 +334,18 @@ class Geometry:
         result.outside_points = _sum_per_shower(outside, sptr).round().to(torch.int64)
         return result
 
+    def _visible_points(self, p: "_Placed"):
+        """``(du, dv, w, kept)``: the detector-frame position (mm) of each point of a placement
+        that is summed into a cell, and the indices ``kept`` of those points (see
+        :meth:`to_detector` for the one move it makes)."""
+        kept = torch.nonzero(p.keep).flatten()
+        du, dv, w, layer, depth = (t.index_select(0, kept) for t in (p.du, p.dv, p.w, p.layer, p.depth))
+        moved = torch.nonzero(self._layer_of_depth(depth) != layer).flatten()
+        if moved.numel():
+            du, dv, w = du.clone(), dv.clone(), w.clone()
+            du[moved], dv[moved], w[moved] = self._into_active_slab(p, kept.index_select(0, moved))
+        return du, dv, w, kept
+
     def _place(self, showers: Showers, placement: Placement | None,
                generator: torch.Generator | None, fluctuate: bool) -> "_Placed":
         """Every point of ``showers`` placed in the readout: local position, sampling depth,
@@ -346,7 +353,15 @@ class Geometry:
         physics-frame points). The one implementation behind :meth:`project` and
         :meth:`to_detector`, so that both see each deposit in the same cell."""
         position, theta, phi = (placement or Placement()).resolve(showers)
-        frames = self._frames(position, theta, phi)
+        return self._place_in(showers, self._frames(position, theta, phi), generator, fluctuate)
+
+    def _place_in(self, showers: Showers, frames: ShowerFrames,
+                  generator: torch.Generator | None, fluctuate: bool,
+                  hand_over: bool = True) -> "_Placed":
+        """:meth:`_place` in given shower frames (one per shower); ``hand_over=False`` keeps every
+        point in the frame of the module its shower entered (the local frame an exported
+        pipeline returns, ``pcshower export``), even where it has crossed into a neighbouring
+        barrel stave."""
         pts = showers.points
         dev = pts.device
         n = len(showers)
@@ -356,9 +371,10 @@ class Geometry:
         batch = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
         # per-shower numbers expanded to points column by column (1-D repeat_interleave is several
         # times cheaper than gathering rows by the batch index); a number shared by every shower
-        # of the batch (same module, same direction) stays a scalar that broadcasts
+        # of the batch (same module, same direction) stays a scalar that broadcasts (not when
+        # traced: the scalar's value would be frozen into the graph, pcshower export)
         def expand(per_shower: torch.Tensor) -> torch.Tensor:
-            if n and bool((per_shower == per_shower[0]).all()):
+            if n and not torch.jit.is_tracing() and bool((per_shower == per_shower[0]).all()):
                 return per_shower[0]
             return torch.repeat_interleave(per_shower, counts, output_size=total)
 
@@ -410,7 +426,7 @@ class Geometry:
         # [P, 3] view of a [3, P] block (stacking rows is several times cheaper than columns)
         local = torch.stack([du + impact_u, dv + impact_v, w], dim=0).T
         handed_over = False
-        if self.modules is not None and self._staves:
+        if hand_over and self.modules is not None and self._staves:
             module, handed_over = self._hand_over(local, module)
         depth = self._sampling_depth(local, frames, batch)
         if handed_over or self.readout.kind == "inclined":

@@ -502,7 +502,7 @@ class ShowerModel(nn.Module):
                 return out
 
         with torch.inference_mode():  # no autograd bookkeeping in the sampler's loop
-            x = self.objective.sample(net, (int(ptr[-1]), 4), batch, b,
+            x = self.objective.sample(net, (batch.shape[0], 4), batch, b,
                                       int(steps or self.config["steps"]), name, generator)
         x = x.clone()  # an ordinary tensor again (inference tensors refuse autograd later)
         points = self.denormalize_points(x)

@@ -273,7 +273,7 @@ class ShowerFlow(nn.Module):
         layer's ``mask * weight`` is formed once per call instead of at each of its network
         passes, and zuko's shape broadcasting runs in Python. These patch zuko's objects for the duration of the call, so fast calls are
         serialised by a process-wide lock (threads sampling at once take turns)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.jit.is_tracing():  # traced: zuko's own code
             return self._sample(context, generator)
         with _FAST_LOCK, torch.inference_mode(), _masked_weights_fixed(self.flow), \
                 _plain_broadcast():

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -258,36 +259,52 @@ def sample_gamma(shape: torch.Tensor, generator: torch.Generator | None = None) 
     shape < 1 the variate of shape + 1 is multiplied by U^(1/shape). ``torch.distributions.Gamma``
     cannot take a generator, hence this function. Shapes of 0 give 0. Computes in the dtype of
     ``shape`` (float64 for integer shapes).
+
+    Written in TorchScript's subset: a traced graph (``pcshower export``) calls the scripted
+    function, whose rejection loop then runs as a loop in the graph, drawing the same numbers in
+    the same order as this function does in Python.
     """
+    if torch.jit.is_tracing():
+        return _scripted_gamma()(shape, generator)
+    return _sample_gamma(shape, generator)
+
+
+def _gamma_propose(d: torch.Tensor, c: torch.Tensor, generator: Optional[torch.Generator]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One Marsaglia-Tsang proposal per element: ``(d v, accepted)``."""
+    x = torch.randn(d.shape, dtype=d.dtype, device=d.device, generator=generator)
+    u = torch.rand(d.shape, dtype=d.dtype, device=d.device, generator=generator)
+    v = c * x
+    v += 1.0
+    v = v * v * v
+    # log(u) < x^2/2 + d - d v + d log(v), and v > 0
+    rhs = torch.log(v.clamp_min(1e-30)).sub_(v).add_(1.0).mul_(d).addcmul_(x, x, value=0.5)
+    ok = (v > 0) & (torch.log(u) < rhs)
+    return d * v, ok
+
+
+def _sample_gamma(shape: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     if not shape.is_floating_point():
         shape = shape.to(torch.float64)
-    dtype = shape.dtype
-    small = (shape < 1.0).to(dtype)  # same-dtype arithmetic below (mixed dtypes are slow)
+    small = (shape < 1.0).to(shape.dtype)  # same-dtype arithmetic below (mixed dtypes are slow)
     d = (shape + small) - 1.0 / 3.0  # shapes below 1 are drawn as shape + 1
     c = torch.rsqrt(9.0 * d)
-
-    def propose(dd, cc):
-        x = torch.randn(dd.shape, dtype=dtype, device=dd.device, generator=generator)
-        u = torch.rand(dd.shape, dtype=dtype, device=dd.device, generator=generator)
-        v = cc * x
-        v += 1.0
-        v = v * v * v
-        # log(u) < x^2/2 + d - d v + d log(v), and v > 0
-        rhs = torch.log(v.clamp_min(1e-30)).sub_(v).add_(1.0).mul_(dd).addcmul_(x, x, value=0.5)
-        ok = (v > 0) & (torch.log(u) < rhs)
-        return dd * v, ok
-
-    out, ok = propose(d, c)  # the first round runs on whole tensors, later rounds on rejects
+    out, ok = _gamma_propose(d, c, generator)  # the first round on whole tensors, then rejects
     todo = torch.nonzero(~ok).flatten()
-    while todo.numel():
-        value, ok = propose(d[todo], c[todo])
+    while todo.numel() > 0:
+        value, ok = _gamma_propose(d[todo], c[todo], generator)
         out[todo[ok]] = value[ok]
         todo = todo[~ok]
     if bool(small.max() > 0):
-        u = torch.rand(shape.shape, dtype=dtype, device=shape.device, generator=generator)
+        u = torch.rand(shape.shape, dtype=shape.dtype, device=shape.device, generator=generator)
         # U^(1/shape) below shape 1, U^0 = 1 above; a shape of 0 gives U^inf = 0
         out *= u.pow_(small / shape)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _scripted_gamma():
+    return torch.jit.script(_sample_gamma)
 
 
 @functools.lru_cache(maxsize=64)
