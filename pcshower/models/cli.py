@@ -1,5 +1,5 @@
-"""The ``pcshower train``, ``pcshower combine``, ``pcshower fit-split`` and ``pcshower generate``
-subcommands."""
+"""The ``pcshower train``, ``pcshower combine``, ``pcshower fit-split``, ``pcshower export`` and
+``pcshower generate`` subcommands."""
 
 from __future__ import annotations
 
@@ -85,6 +85,30 @@ def register(subparsers) -> None:
                         "measured by `pcshower fit-split`) to keep (default: points)")
     c.add_argument("--out", required=True, help="checkpoint to write (atomic)")
     c.set_defaults(func=_combine)
+
+    x = subparsers.add_parser(
+        "export", help="the whole generation chain of a model as one TorchScript file",
+        description="Write the generation chain of MODEL (shower flow, point network with its "
+                    "sampler steps, calibration, split, placement in the local frame of one face "
+                    "of GEOMETRY, sampling fluctuations) as one TorchScript file that "
+                    "torch.jit.load / libtorch runs without pcshower: for Key4hep's "
+                    "DDFastShowerML (--layout ddml-caloclouds) or batched use (--layout native). "
+                    "The traced graph is checked against pcshower's own chain before the file "
+                    "is written. See docs/integration.md.")
+    x.add_argument("model", help="checkpoint, or 'default' for the shipped model")
+    x.add_argument("--format", default="torchscript", choices=["torchscript"],
+                   help="file format (default: torchscript)")
+    x.add_argument("--layout", default="ddml-caloclouds", choices=["ddml-caloclouds", "native"],
+                   help="inputs and outputs of the file (default: ddml-caloclouds)")
+    x.add_argument("--geometry", default="ild", help="geometry the showers are placed in "
+                                                    "(default: ild)")
+    x.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    x.add_argument("--sampler", default=None, help="sampler (default: the model's)")
+    x.add_argument("--batch", type=int, default=1,
+                   help="showers per pass of the native layout (default: 1)")
+    x.add_argument("--out", required=True, help="file to write (atomic)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    x.set_defaults(func=_export)
 
     g = subparsers.add_parser(
         "generate", help="generate showers with the shipped (or a given) model",
@@ -209,6 +233,21 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
                                                           "slice_depth") if k in info}}
     save_checkpoint(out, model_payload(fitted, metrics=body.get("metrics"), provenance=provenance))
     return info
+
+
+def _export(args) -> int:
+    from pcshower.models.export import export_model
+
+    model = None if args.model == "default" else args.model
+    if model is not None and not Path(model).is_file():
+        raise ValueError(f"model {model} is not a file; give a checkpoint or 'default'")
+    meta = export_model(model, args.out, layout=args.layout, geometry=args.geometry,
+                        steps=args.steps, sampler=args.sampler, batch=args.batch,
+                        overwrite=args.overwrite)
+    print(f"wrote {args.out}: {meta['layout']} layout, geometry {meta['geometry']}, "
+          f"{meta['network_calls']} network calls per shower, model {meta['model_sha256']}, "
+          f"file sha256 {meta['sha256']}")
+    return 0
 
 
 def _combine(args) -> int:
