@@ -397,7 +397,9 @@ class Geant4Engine:
 
         up_mat, self.upstream_mm = (None, 0.0) if self.upstream is None else \
             upstream_material(self.upstream, nist, g4)
-        entrance = ENTRANCE_MM if self.hook is not None else 0.0
+        # a 1 mm gap in front of the face whenever something is in front (the same layout with
+        # and without the hook, which watches it); without either, the plain geometry above
+        entrance = ENTRANCE_MM if self.hook is not None or self.upstream is not None else 0.0
         front = self.upstream_mm + entrance
         env_half = (0.5 * wx + abs(cx) + margin, 0.5 * wy + abs(cy) + margin,
                     0.5 * (depth + front) + margin)
@@ -430,7 +432,7 @@ class Geant4Engine:
         self.upstream_lv = self.entrance_lv = None
         for name, thick, z_back, mat, copy in (
                 ("Upstream", self.upstream_mm, -entrance, up_mat, len(stack.slabs)),
-                ("Entrance", entrance, 0.0, vacuum, 0)):
+                ("Entrance", entrance if self.hook is not None else 0.0, 0.0, vacuum, 0)):
             if thick <= 0:
                 continue
             s = g4.G4Box(f"{name}{v}", 0.5 * wx, 0.5 * wy, 0.5 * thick)
