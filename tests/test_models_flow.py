@@ -345,3 +345,31 @@ def test_fast_sampling_under_inference_mode_and_after_data_updates():
     plain = flow.sample(context, torch.Generator().manual_seed(1)).detach()
     with torch.no_grad():
         assert torch.equal(plain, flow.sample(context, torch.Generator().manual_seed(1)))
+
+
+def test_traced_sampling_gives_the_python_paths_numbers_and_follows_the_weights():
+    """From the TRACE_AFTER-th call with one shape on, ShowerFlow.sample runs a traced graph:
+    the same samples bit for bit, weight updates seen, replaced tensors retraced."""
+    from pcshower.models import showerflow
+
+    torch.manual_seed(0)
+    flow = ShowerFlow(7, 3, transforms=2, hidden=(16, 16), bins=4, passes=2)
+    context = torch.randn(1, 3)
+    plain = flow.sample(context, torch.Generator().manual_seed(1)).detach()  # grad enabled
+    with torch.no_grad():
+        runs = [flow.sample(context, torch.Generator().manual_seed(1))
+                for _ in range(showerflow.TRACE_AFTER + 2)]
+    graph = showerflow._TRACED[flow][(1, torch.float32, 3, torch.float32, "cpu")][0]
+    assert isinstance(graph, torch.jit.ScriptModule)
+    assert all(torch.equal(plain, r) for r in runs)
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.05)  # in place: the graph shares the tensor
+        traced = flow.sample(context, torch.Generator().manual_seed(1))
+    assert torch.equal(traced, flow.sample(context, torch.Generator().manual_seed(1)).detach())
+    assert not torch.equal(traced, plain)
+    flow.double()
+    flow.float()  # new parameter tensors: the old graph must not serve
+    with torch.no_grad():
+        again = flow.sample(context, torch.Generator().manual_seed(1))
+    assert torch.equal(again, traced)
+    assert showerflow._TRACED[flow][(1, torch.float32, 3, torch.float32, "cpu")][0] is not graph
