@@ -88,15 +88,18 @@ def test_hook_hits_and_energy_accounting():
     np.testing.assert_allclose(fast.position_mm[:, 2], 0.0, atol=1e-6)
     assert (fast.direction[:, 2] > 0).all() and (fast.energy_mev >= 1000.0).all()
     assert set(fast.pdg.tolist()) == {22}
-    assert (fast.num_stopped <= 1).all()  # one photon per event; its e+e- pair is Geant4's
+    # a photon that converted upstream leaves its e+e- pair to Geant4 (the model knows photons;
+    # a bremsstrahlung photon of the pair may still be stopped)
+    assert (fast.stopped_mev <= primary * (1 + 1e-12)).all()
     # Geant4's books balance exactly
     g4_total = rec.deposited_mev + rec.upstream_edep_mev + rec.leakage_mev + fast.stopped_mev
     np.testing.assert_allclose(g4_total, primary, rtol=1e-9)
     assert (rec.upstream_edep_mev >= 0).all() and rec.upstream_edep_mev.sum() > 0
-    # a photon the hook took leaves (almost) nothing to Geant4 in the stack
-    stopped = fast.num_stopped == 1
-    assert (rec.deposited_mev[stopped] < 0.01 * primary[stopped]).all()
-    assert (rec.active_steps[stopped] <= 0.01 * rec.active_steps[~stopped].max(initial=1000)).all()
+    # a photon the hook took whole leaves (almost) nothing to Geant4 in the stack
+    whole = np.isclose(fast.stopped_mev, primary, rtol=1e-12)
+    assert whole.sum() >= len(energy) // 2
+    assert (rec.deposited_mev[whole] < 0.01 * primary[whole]).all()
+    stopped = fast.num_stopped >= 1
     # the model's side of the books
     model = model_deposit_mev(rec, stack, energy, 0.0)
     ratio = model[stopped] / fast.stopped_mev[stopped]
