@@ -349,7 +349,7 @@ def test_fast_sampling_under_inference_mode_and_after_data_updates():
 
 def test_traced_sampling_gives_the_python_paths_numbers_and_follows_the_weights():
     """From the TRACE_AFTER-th call with one shape on, ShowerFlow.sample runs a traced graph:
-    the same samples bit for bit, weight updates seen, replaced tensors retraced."""
+    the same samples bit for bit, in-place updates and replaced tensors seen."""
     from pcshower.models import showerflow
 
     torch.manual_seed(0)
@@ -359,8 +359,8 @@ def test_traced_sampling_gives_the_python_paths_numbers_and_follows_the_weights(
     with torch.no_grad():
         runs = [flow.sample(context, torch.Generator().manual_seed(1))
                 for _ in range(showerflow.TRACE_AFTER + 2)]
-    graph = showerflow._TRACED[flow][(1, torch.float32, 3, torch.float32, "cpu")][0]
-    assert isinstance(graph, torch.jit.ScriptModule)
+    assert callable(showerflow._TRACED[flow][(1, torch.float32, 3, torch.float32, "cpu",
+                                               torch.float32)])
     assert all(torch.equal(plain, r) for r in runs)
     with torch.no_grad():
         next(flow.parameters()).add_(0.05)  # in place: the graph shares the tensor
@@ -368,8 +368,12 @@ def test_traced_sampling_gives_the_python_paths_numbers_and_follows_the_weights(
     assert torch.equal(traced, flow.sample(context, torch.Generator().manual_seed(1)).detach())
     assert not torch.equal(traced, plain)
     flow.double()
-    flow.float()  # new parameter tensors: the old graph must not serve
+    flow.float()  # new parameter tensors: the graph reads the current ones
     with torch.no_grad():
         again = flow.sample(context, torch.Generator().manual_seed(1))
     assert torch.equal(again, traced)
-    assert showerflow._TRACED[flow][(1, torch.float32, 3, torch.float32, "cpu")][0] is not graph
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.data = p.data * 1.01  # replaced through .data
+        moved = flow.sample(context, torch.Generator().manual_seed(1))
+    assert torch.equal(moved, flow.sample(context, torch.Generator().manual_seed(1)).detach())

@@ -277,8 +277,9 @@ class ShowerFlow(nn.Module):
         zuko's objects for the duration of the call, so such calls are serialised by a
         process-wide lock). From the :data:`TRACE_AFTER`-th call with one batch size, dtype and
         device on, the inverse transform runs as a traced TorchScript graph instead (traced
-        once, sharing this flow's parameters): 16 ms → 4.5 ms a call at batch 1 on one loaded
-        CPU thread, bit for bit the same samples. The first calls stay untraced because tracing
+        once, reading this flow's current parameters at each call): median 13.4 → 10.1 ms a
+        call at batch 1 on one CPU thread (benchmarks/flow_call.py, docs/benchmarks.md), bit for
+        bit the same samples. The first calls stay untraced because tracing
         and TorchScript's first optimising runs cost ~0.3 s, more than a short job's few calls.
         """
         if torch.is_grad_enabled() or torch.jit.is_tracing():  # traced: zuko's own code
@@ -308,31 +309,43 @@ class ShowerFlow(nn.Module):
 
     def _graph(self, z: torch.Tensor, context: torch.Tensor):
         """The traced inverse for this call's shapes once they were seen :data:`TRACE_AFTER`
-        times, else ``None`` (also where tracing failed: the Python path serves)."""
+        times, as a function of ``(z, context)``, else ``None`` (also where tracing failed:
+        the Python path serves)."""
         cache = _TRACED.setdefault(self, {})
-        key = (z.shape[0], z.dtype, context.shape[1], context.dtype, str(z.device))
-        # the graph holds the tensors it was traced with: moved or replaced ones retrace it
-        tensors = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        weight = next(self.parameters())
+        key = (z.shape[0], z.dtype, context.shape[1], context.dtype, str(z.device), weight.dtype)
         entry = cache.get(key, 0)
-        if isinstance(entry, tuple) and entry[1] != tensors:
-            entry = TRACE_AFTER - 1
         if isinstance(entry, int):
             if entry + 1 < TRACE_AFTER:
                 cache[key] = entry + 1
                 return None
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the tracer's notes, and torch.jit's deprecation
-                    entry = (torch.jit.trace(_Inverse(self), (z, context), check_trace=False),
-                             tensors)
+                entry = _traced_inverse(self, z, context)
             except Exception:  # noqa: BLE001 - an optimisation only: the Python path is exact
-                entry = (None, tensors)
+                entry = None
             cache[key] = entry
-        return entry[0]
+        return entry
+
+
+def _traced_inverse(flow: ShowerFlow, z: torch.Tensor, context: torch.Tensor):
+    """``flow._inverse`` traced with the flow's parameters and buffers as graph INPUTS, passed
+    detached at each call: the graph always reads the current tensors (updated in place or
+    replaced through ``.data``), and it sees no tensor that requires grad."""
+    module = _Inverse(flow)
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+
+    def tensors():
+        return [t.detach() for t in (*module.parameters(), *module.buffers())]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes, and torch.jit's deprecation
+        graph = torch.jit.trace(_Functional(module, names), (z, context, *tensors()),
+                                check_trace=False)
+    return lambda zz, cc: graph(zz, cc, *tensors())
 
 
 class _Inverse(nn.Module):
-    """``ShowerFlow._inverse`` as a module, for tracing (shares the flow's parameters)."""
+    """``ShowerFlow._inverse`` as a module."""
 
     def __init__(self, flow: ShowerFlow):
         super().__init__()
@@ -340,6 +353,22 @@ class _Inverse(nn.Module):
 
     def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.flow._inverse(z, context)
+
+
+class _Functional(nn.Module):
+    """``module(z, context)`` with its parameters and buffers given as arguments."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor, *tensors: torch.Tensor):
+        # torch.func.functional_call refuses to run under the tracer; the helper behind it does
+        # not (private: where it is missing, tracing fails and the Python path serves)
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(self.module, dict(zip(self.names, tensors))):
+            return self.module(z, context)
 
 
 #: Calls with one batch size after which ShowerFlow.sample runs a traced graph.
