@@ -98,6 +98,8 @@ def test_metadata_records_model_geometry_units(ddml_file):
     assert meta["model_sha256"] == info["sha256"] and meta["pcshower_version"] == pcshower.__version__
     assert meta["units"]["energy"] == "GeV" and meta["units"]["deposit"].startswith("MeV")
     assert meta["network_calls"] == 31 and meta["max_elements"] == DDML_MAX_ELEMENTS
+    # the file has its own weights: exporting leaves the caller's model trainable
+    assert all(p.requires_grad for p in load_default_model().parameters())
 
 
 def test_ddml_file_gives_generate_showers_in_a_process_without_pcshower(ddml_file, tmp_path):

@@ -41,6 +41,7 @@ traced graph must reproduce the Python chain on probe showers across the model's
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -283,23 +284,23 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     steps = int(steps or net.config["steps"])
     sampler = sampler or net.config["sampler"]
     net.objective.network_calls(sampler, steps)  # unknown samplers fail here, before tracing
-    chain = _LocalChain(net, geom, 0, steps, sampler, cond_phi, _barrel_convention(net))
-    saved_chunk = net.chunk_points
-    net.chunk_points = None  # one pass: the chunked loop is Python control flow
-    try:
-        traced = {}
-        for name, oblique in (("normal", False), ("oblique", True)):
-            probes = _probe_conditions(net, batch, oblique)
-            torch.manual_seed(0)
-            with warnings.catch_warnings():
-                # the tracer's notes on the Python values it froze (the check below is the test)
-                warnings.simplefilter("ignore")
-                traced[name] = torch.jit.trace(chain, probes[1], check_trace=False)
-            for p in traced[name].parameters():  # inference only: no autograd in the graph
-                p.requires_grad_(False)
-            check_export(traced[name], chain, probes)
-    finally:
-        net.chunk_points = saved_chunk
+    barrel = _barrel_convention(net)
+    # the file gets its own copy of the weights: the trace's parameters are made inference-only
+    # below, which must not touch the caller's model
+    own = copy.deepcopy(net)
+    own.chunk_points = None  # one pass: the chunked loop is Python control flow
+    chain = _LocalChain(own, geom, 0, steps, sampler, cond_phi, barrel)
+    traced = {}
+    for name, oblique in (("normal", False), ("oblique", True)):
+        probes = _probe_conditions(net, batch, oblique)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            # the tracer's notes on the Python values it froze (the check below is the test)
+            warnings.simplefilter("ignore")
+            traced[name] = torch.jit.trace(chain, probes[1], check_trace=False)
+        for p in traced[name].parameters():  # inference only: no autograd in the graph
+            p.requires_grad_(False)
+        check_export(traced[name], chain, probes)
     layers = int(geom.num_layers)
     if layout == "ddml-caloclouds":
         pitch = float(min(geom.readout.pitch.tolist()))
@@ -327,7 +328,7 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
             "model": str(info.get("path", "in-memory model")), "model_sha256": info.get("sha256"),
             "steps": steps, "sampler": sampler, "network_calls": net.network_calls(steps, sampler),
             "batch": batch, "energy_range_gev": list(net.energy_range),
-            "theta_local_range_deg": _local_theta_range(net, _barrel_convention(net)),
+            "theta_local_range_deg": _local_theta_range(net, barrel),
             "units": {"energy": "GeV", "angles": "deg", "length": "mm",
                       "deposit": "MeV (visible)"},
             "inputs": inputs, "outputs": outputs,
