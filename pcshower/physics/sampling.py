@@ -297,8 +297,10 @@ def _sample_gamma(shape: torch.Tensor, generator: Optional[torch.Generator] = No
         todo = todo[~ok]
     if bool(small.max() > 0):
         u = torch.rand(shape.shape, dtype=shape.dtype, device=shape.device, generator=generator)
-        # U^(1/shape) below shape 1, U^0 = 1 above; a shape of 0 gives U^inf = 0
-        out *= u.pow_(small / shape)
+        # U^(1/shape) below shape 1 (a shape of 0 gives U^inf = 0); above, U^0 = 1 leaves the
+        # variate as it is, so only the small shapes are raised (the same numbers, fewer powers)
+        few = torch.nonzero(small).flatten()
+        out[few] = out[few] * u[few].pow(1.0 / shape[few])
     return out
 
 
