@@ -326,3 +326,67 @@ def test_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="training stopped at step 0: the loss is nan"):
         train(cfg, toy_showers(10), tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_finetune_bias_only_changes_biases_and_full_changes_weights(tmp_path):
+    from pcshower.models.train import bias_parameters, finetune
+
+    base_cfg = {"model": TINY_MODEL, "train": {"steps": 6, "batch_showers": 8, "flow_batch": 16,
+                                               "checkpoint_every": 100, "warmup": 2}}
+    train(base_cfg, toy_showers(40), tmp_path / "base", progress=False)
+    base = read_checkpoint(tmp_path / "base" / "model.pt")
+    other = toy_showers(30, seed=7)  # "another detector's" showers
+    settings = {"steps": 5, "batch_showers": 8, "flow_batch": 16, "lr": 1e-3, "warmup": 1}
+    finetune(tmp_path / "base" / "model.pt", other, tmp_path / "bias", trainable="bias",
+             settings=settings, progress=False)
+    finetune(tmp_path / "base" / "model.pt", other, tmp_path / "full", settings=settings,
+             progress=False)
+    bias, full = (read_checkpoint(tmp_path / r / "model.pt") for r in ("bias", "full"))
+    names = bias_parameters(ShowerModel(base["config"]))
+    assert names and all(n.endswith("bias") or "norm" in n for n in names)
+    moved = [k for k in names if not torch.equal(base["weights"][k], bias["weights"][k])]
+    assert moved  # the biases learned ...
+    for k, v in base["weights"].items():  # ... and nothing else did
+        if k not in names:
+            assert torch.equal(v, bias["weights"][k]), k
+    assert any(not torch.equal(base["weights"][k], full["weights"][k])
+               for k in base["weights"] if k not in names)
+    for k, v in base["normalization"].items():  # the pre-trained normalisation is kept
+        assert torch.equal(v, bias["normalization"][k]), k
+    prov = bias["provenance"]
+    assert prov["init_from"]["sha256"] == base["sha256"]
+    assert prov["trainable"]["mode"] == "bias" and 0 < prov["trainable"]["parameters"] < \
+        prov["trainable"]["of"] / 2
+    assert full["provenance"]["trainable"]["parameters"] == full["provenance"]["trainable"]["of"]
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        finetune(tmp_path / "base" / "model.pt", other, tmp_path / "x", trainable="lora")
+
+
+def test_cli_finetune_runs_and_refuses_bad_input(tmp_path):
+    from pcshower.io import write_parquet
+
+    train({"model": TINY_MODEL, "train": {"steps": 3, "batch_showers": 8, "flow_batch": 16,
+                                          "checkpoint_every": 100, "warmup": 1}},
+          toy_showers(30), tmp_path / "base", progress=False)
+    write_parquet(tmp_path / "new.parquet", toy_showers(20, seed=3))
+
+    def run(*args):
+        return subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+
+    r = run("finetune", str(tmp_path / "base" / "model.pt"), "--data", str(tmp_path / "new.parquet"),
+             "--out", str(tmp_path / "ft"), "--steps", "2", "--trainable", "bias", "--parts",
+             "points", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "fine-tuned" in r.stdout and (tmp_path / "ft" / "model.pt").is_file()
+    ft = read_checkpoint(tmp_path / "ft" / "model.pt")
+    assert ft["provenance"]["trainable"]["parts"] == ["points"]
+    base = read_checkpoint(tmp_path / "base" / "model.pt")
+    for k, v in base["weights"].items():
+        if k.startswith("flow."):  # not among the parts: unchanged
+            assert torch.equal(v, ft["weights"][k]), k
+    bad = run("finetune", str(tmp_path / "nope.pt"), "--data", str(tmp_path / "new.parquet"),
+               "--out", str(tmp_path / "ft2"))
+    assert bad.returncode != 0 and "is not a file" in bad.stderr
+    bad = run("finetune", str(tmp_path / "base" / "model.pt"), "--data",
+               str(tmp_path / "new.parquet"), "--out", str(tmp_path / "ft3"), "--parts", "decoder")
+    assert bad.returncode != 0 and "--parts" in bad.stderr

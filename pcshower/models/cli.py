@@ -1,5 +1,5 @@
-"""The ``pcshower train``, ``pcshower combine``, ``pcshower fit-split``, ``pcshower export`` and
-``pcshower generate`` subcommands."""
+"""The ``pcshower train``, ``pcshower finetune``, ``pcshower combine``, ``pcshower fit-split``,
+``pcshower export`` and ``pcshower generate`` subcommands."""
 
 from __future__ import annotations
 
@@ -70,6 +70,30 @@ def register(subparsers) -> None:
                         "(slice_core_radius; default: the model's)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=_fit_split)
+
+    ft = subparsers.add_parser(
+        "finetune", help="adapt a trained model to new showers (e.g. another detector's)",
+        description="Continue training MODEL on DATA (physics-frame Parquet showers, e.g. a few "
+                    "hundred to ten thousand of another geometry's) from all of its weights and "
+                    "its normalisation: a train run with the model's own config and fine-tuning "
+                    "settings (500 steps at lr 5e-5 unless given). --trainable bias trains only "
+                    "the biases and normalisation layers. Writes RUN as `pcshower train` does.")
+    ft.add_argument("model", help="checkpoint to start from ('default': the shipped model)")
+    ft.add_argument("--data", required=True, help="Parquet file or shard directory")
+    ft.add_argument("--out", required=True, help="run directory")
+    ft.add_argument("--trainable", default="all", choices=["all", "bias"],
+                    help="all parameters (default), or only biases and normalisation layers")
+    ft.add_argument("--parts", default="flow,points",
+                    help="networks that learn: flow, points or both (default flow,points)")
+    ft.add_argument("--steps", type=int, default=None, help="optimiser steps (default 500)")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5)")
+    ft.add_argument("--batch-showers", type=int, default=None,
+                    help="showers per point-network step (default: the train default, 48)")
+    ft.add_argument("--seed", type=seed_arg, default=None, help="training seed (default 0)")
+    ft.add_argument("--resume", action="store_true", help="continue from RUN/last.pt (bit-exact)")
+    ft.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=_finetune)
 
     c = subparsers.add_parser(
         "combine", help="one checkpoint from a point-network run and a flow run trained apart",
@@ -247,6 +271,28 @@ def _export(args) -> int:
     print(f"wrote {args.out}: {meta['layout']} layout, geometry {meta['geometry']}, "
           f"{meta['network_calls']} network calls per shower, model {meta['model_sha256']}, "
           f"file sha256 {meta['sha256']}")
+    return 0
+
+
+def _finetune(args) -> int:
+    from pcshower.io._atomic import check_output
+    from pcshower.models.generate import default_model_path
+    from pcshower.models.train import finetune
+
+    model = default_model_path() if args.model == "default" else Path(args.model)
+    if not model.is_file():
+        raise ValueError(f"model {model} is not a file; give a checkpoint or 'default'")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"flow", "points"}:
+        raise ValueError(f"--parts takes flow, points or flow,points, got {args.parts!r}")
+    check_output(args.out, directory=True)
+    settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
+                                  ("batch_showers", args.batch_showers)) if v is not None}
+    metrics = finetune(model, args.data, args.out, trainable=args.trainable, parts=parts,
+                       settings=settings, resume=args.resume, device=args.device,
+                       progress=not args.no_progress)
+    print(f"fine-tuned {model} for {metrics['steps']} steps ({args.trainable} parameters of "
+          f"{', '.join(parts)}); model written to {Path(args.out) / 'model.pt'}")
     return 0
 
 
