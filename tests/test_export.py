@@ -183,6 +183,9 @@ def test_export_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="no barrel staves"):
         export_model(None, tmp_path / "x.pt", layout="ddml-caloclouds",
                      geometry="calochallenge_ds2")
+    with pytest.warns(UserWarning, match="m_nLayer = 40"), pytest.raises(ValueError, match="exists"):
+        (tmp_path / "cld.pt").write_bytes(b"")  # the warning comes before the (refused) work
+        export_model(None, tmp_path / "cld.pt", layout="ddml-caloclouds", geometry="cld")
     with pytest.raises(ValueError, match="batch must be 1"):
         export_model(None, tmp_path / "x.pt", layout="ddml-caloclouds", batch=4)
     (tmp_path / "x.pt").write_bytes(b"")

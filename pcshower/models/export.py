@@ -61,6 +61,9 @@ EXPORT_FORMAT_VERSION = 1
 #: Numbers DDML's CaloClouds adapter copies out of the model's output
 #: (``CaloCloudsTwoAngleModel::m_maxNumElements`` in key4hep/DDML, 35000 = 4 per point + counts).
 DDML_MAX_ELEMENTS = 35000
+#: Per-layer counts DDML's CaloClouds adapter reads (``CaloCloudsTwoAngleModel::m_nLayer``:
+#: ILD's 30 layers).
+DDML_LAYERS = 30
 #: Grid pitches (fractions of the readout's cell pitch) tried, finest first, to merge a shower
 #: that has more points than DDML's output holds.
 DDML_MERGE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
@@ -268,7 +271,6 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
         raise ValueError("the ddml-caloclouds layout is one shower per call: batch must be 1")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, got {batch!r}")
-    out = check_output(out, overwrite=overwrite)
     net = resolve_model(model, "cpu")
     geom = load_geometry(geometry)
     if geom.modules is None:
@@ -278,6 +280,13 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     if layout == "ddml-caloclouds" and not staves:
         raise ValueError(f"the ddml-caloclouds layout is DDML's polygon-barrel interface; "
                          f"{geom.name} has no barrel staves (use --layout native)")
+    layers = int(geom.num_layers)
+    if layout == "ddml-caloclouds" and layers != DDML_LAYERS:
+        warnings.warn(f"{geom.name} has {layers} readout layers, but DDML's CaloClouds adapter "
+                      f"reads {DDML_LAYERS} per-layer counts (CaloCloudsTwoAngleModel::m_nLayer, "
+                      f"not a steering property): the file writes {layers} counts, so DDML needs "
+                      f"m_nLayer = {layers} to read it", stacklevel=2)
+    out = check_output(out, overwrite=overwrite)  # before the work, after the cheap checks
     info = getattr(net, "checkpoint_info", {}) or {}
     phi_range = info.get("provenance", {}).get("phi_range_rad")
     cond_phi = phi_range[0] if phi_range and phi_range[1] - phi_range[0] < 1e-9 else None
@@ -301,7 +310,6 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
         for p in traced[name].parameters():  # inference only: no autograd in the graph
             p.requires_grad_(False)
         check_export(traced[name], chain, probes)
-    layers = int(geom.num_layers)
     if layout == "ddml-caloclouds":
         pitch = float(min(geom.readout.pitch.tolist()))
         top = _DDMLCaloClouds(traced["normal"], traced["oblique"], layers, max_elements,
