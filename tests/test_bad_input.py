@@ -48,6 +48,7 @@ def test_generate_rejects_nan_angles(angle, phi, words):
 @pytest.mark.parametrize("flag, value, words", [
     ("--steps", "0", "steps must be >= 1 and a whole number, got 0"),
     ("--batch-size", "0", "batch_size must be >= 1 and a whole number, got 0"),
+    ("--threads", "0", "--threads must be >= 1, got 0"),
 ])
 def test_cli_generate_refuses_zero_steps_and_batches(tmp_path, capsys, flag, value, words):
     out = tmp_path / "s.parquet"

@@ -151,6 +151,21 @@ def test_cli_generate_parquet_and_calochallenge(tiny_model, tmp_path, capsys):
     assert main(["generate", "--energy", "5:1", "--out", str(tmp_path / "y.parquet")]) == 2
 
 
+def test_cli_generate_threads_sets_torch_threads(tiny_model, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--geometry", "ild", "--energy", "50", "--theta", "90", "--n",
+                     "1", "--out", str(tmp_path / "g.parquet"), "--model", str(tiny_model),
+                     "--no-progress", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "--geometry", "ild", "--energy", "50", "--theta", "90", "--n",
+                     "2", "--out", str(tmp_path / "sharded"), "--model", str(tiny_model),
+                     "--no-progress", "--threads", "2", "--shard-size", "1"]) == 2
+        assert "--workers" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_generate_keeps_existing_files_unless_overwrite(tiny_model, tmp_path, capsys):
     out = tmp_path / "gen.parquet"
     args = ["generate", "--geometry", "ild", "--energy", "50", "--theta", "60", "--n", "2",

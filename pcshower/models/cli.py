@@ -165,6 +165,10 @@ def register(subparsers) -> None:
                         "(consistency models); default: the model's")
     g.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=None, help="showers per pass (memory bound)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, one per core). On a machine whose cores "
+                        "are busy with other jobs use 1: there two threads, waiting for each "
+                        "other, took twice as long as one (docs/benchmarks.md)")
     g.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--allow-extrapolation", action="store_true",
@@ -329,6 +333,15 @@ def _generate(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if args.shard_size is not None:
+            raise ValueError("--threads is for a one-process run; a sharded run's workers use "
+                             "one thread each (choose their number with --workers)")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.shard_size is not None:
         return _generate_sharded(args)
     for option in ("shards", "workers"):
