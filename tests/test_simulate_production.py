@@ -206,3 +206,39 @@ def test_cli_geometry_name_with_global_angles(tmp_path):
     assert main(["simulate", "--stack", "ild", "--energy", "10", "--theta", "0", "--n", "3",
                  "--out", str(bad), "--no-progress"]) == 2
     assert not bad.exists()
+
+
+def test_reduce_merges_a_data_set_on_a_coarser_grid_and_resumes(tmp_path, capsys):
+    from pcshower.simulate.production import reduce_dataset
+
+    fine = tmp_path / "fine"
+    _produce(fine)  # three shards of physics-frame showers
+    src = read_parquet(fine)
+    out = tmp_path / "coarse"
+    summary = reduce_dataset(fine, out, (0.5, 0.5, 1.0), progress=False)
+    assert summary["written"] == 3 and summary["showers"] == 25
+    assert summary["points_after"] < summary["points_before"]
+    got = read_parquet(out)
+    assert len(got) == 25 and torch.equal(got.energy, src.energy)
+    # every shower's energy kept exactly (to float32 round-off), fewer points
+    e_src = torch.zeros(25, dtype=torch.float64).index_add_(0, src.batch, src.points[:, 3].double())
+    e_got = torch.zeros(25, dtype=torch.float64).index_add_(0, got.batch, got.points[:, 3].double())
+    torch.testing.assert_close(e_got, e_src, rtol=1e-5, atol=1e-7)
+    assert bool((got.num_points <= src.num_points).all()) and got.points.shape[0] < src.points.shape[0]
+    meta = read_metadata(out / "shard-00001.parquet")["provenance"]
+    assert meta["reduction"]["grid"] == {"kind": "cartesian", "dx": 0.5, "dy": 0.5, "dz": 1.0}
+    assert meta["reduction"]["previous"] == read_metadata(fine / "shard-00001.parquet")[
+        "provenance"]["reduction"]
+    assert meta["shard"] == 1  # the source's provenance is kept
+    # resumes: a missing shard is made again, the others kept
+    (out / "shard-00002.parquet").unlink()
+    again = reduce_dataset(fine, out, (0.5, 0.5, 1.0), progress=False)
+    assert again["written"] == 1 and again["kept"] == 2
+    # another grid into the same directory is refused; the CLI says so and writes nothing
+    assert main(["reduce", str(fine), "--grid", "1,1,2", "--out", str(out), "--no-progress"]) == 2
+    assert "reduced on grid" in capsys.readouterr().err
+    assert main(["reduce", str(fine), "--grid", "1,1,2", "--out", str(fine), "--no-progress"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert main(["reduce", str(fine), "--grid", "1,1,2", "--out", str(tmp_path / "c2"),
+                 "--no-progress"]) == 0
+    assert "25 showers in 3 file(s)" in capsys.readouterr().out

@@ -89,6 +89,7 @@ def register(subparsers) -> None:
                         "radiation length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
+    _register_reduce(subparsers)
 
     t = subparsers.add_parser(
         "tune", help="fit the parametrised engine to Geant4 showers of one stack",
@@ -114,6 +115,39 @@ def register(subparsers) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_tune)
+
+
+def _register_reduce(subparsers) -> None:
+    r = subparsers.add_parser(
+        "reduce", help="merge the points of a shower file or data set on a coarser grid",
+        description="Merge each shower's points that share a voxel of GRID (energy-weighted "
+                    "centroids; every shower's energy kept exactly), shard by shard, into OUT: "
+                    "e.g. a Geant4 set simulated on the fine grid made into a model's training "
+                    "grid. A data set directory gives a directory of shards of the same names; "
+                    "complete output shards are kept (a stopped run resumes).")
+    r.add_argument("input", help="Parquet file or shard directory (showers, one frame)")
+    r.add_argument("--grid", required=True,
+                   help="fine, medium, coarse or 'DX,DY,DZ' in the frame's units (R_M, R_M, X0 "
+                        "in the physics frame; DZ may be 'layer' in the detector frame)")
+    r.add_argument("--position", choices=["centroid", "center"], default="centroid",
+                   help="a merged point's position: energy-weighted centroid (default) or the "
+                        "voxel centre")
+    r.add_argument("--out", required=True, help="output file (for a file) or directory")
+    r.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_reduce)
+
+
+def _reduce(args) -> int:
+    from pcshower.simulate.production import reduce_dataset
+
+    summary = reduce_dataset(args.input, args.out, _parse_grid(args.grid),
+                             position=args.position, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    print(f"{args.out}: {summary['showers']} showers in {summary['files']} file(s) "
+          f"({summary['written']} written now, {summary['kept']} already done); points per "
+          f"shower {summary['points_before']:.0f} -> {summary['points_after']:.0f}")
+    return 0
 
 
 def _parse_grid(text):
