@@ -145,7 +145,8 @@ def test_below_threshold_and_other_species_are_left_to_geant4():
     from pcshower.simulate.geant4.fastsim import plan_hook
 
     plan = plan_hook(FastSim(), stack)
-    assert 8000.0 < plan.energy_mev[0] <= 10000.0 and 100000.0 <= plan.energy_mev[1] < 105000.0
+    lo, hi = plan.net.energy_range  # exactly the range of the training showers
+    assert plan.energy_mev == (1000.0 * lo, 1000.0 * hi) and 9990 < plan.energy_mev[0] < 10010
     assert plan.theta_rad[0] == 0.0 and math.radians(59) < plan.theta_rad[1] < math.radians(62)
     rec = run_geant4([3.0], 0.0, 0.0, 22, stack, seed=3, fastsim=FastSim())
     assert len(rec.fastsim.event) == 0
@@ -230,3 +231,27 @@ def test_bad_input_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc != 0 and message in err, (extra, err)
         assert not out.exists(), extra  # refused before anything was written
+
+
+def test_oblique_showers_are_placed_along_their_axis_inside_the_slabs():
+    """At 30 deg the engine centres its slabs on the shower axis at mid-depth; the hook's points
+    must follow the photon's direction from its entry point and be cut where the slabs end, not
+    where a face centred on the origin would end (a 120 mm wide stack: the axis from y = 0 leaves
+    that at y = 60 mm, 104 mm deep, and the slabs at y = 113 mm)."""
+    from pcshower.simulate.geant4 import run_geant4
+
+    stack = ild_stack()
+    theta, phi, width = math.radians(30.0), math.radians(90.0), 120.0
+    rec = run_geant4([20.0, 20.0], theta, phi, 22, stack, seed=5, transverse_mm=width,
+                     impact_mm=[[[-20.0, 0.0]], [[-20.0, 0.0]]], fastsim=FastSim())
+    hook = rec.points[rec.fastsim.point_mask]
+    assert len(rec.fastsim.event) == 2 and len(hook) > 1000
+    centre = 0.5 * stack.total_thickness_mm * math.tan(theta)  # along +y (phi = 90 deg)
+    assert bool((np.abs(hook[:, 1] - centre) <= 0.5 * width + 1e-6).all())
+    assert bool((np.abs(hook[:, 0]) <= 0.5 * width + 1e-6).all())
+    assert (hook[:, 1] > 0.5 * width + 5).any()  # beyond the origin-centred face, inside the slabs
+    # the energy-weighted drift along +y follows tan(theta) from the entry point (-20, 0)
+    e = hook[:, 3]
+    x_c = float((hook[:, 0] * e).sum() / e.sum())
+    slope = np.polyfit(hook[:, 2], hook[:, 1], 1, w=np.sqrt(e))[0]
+    assert abs(x_c + 20.0) < 5.0 and abs(slope - math.tan(theta)) < 0.15

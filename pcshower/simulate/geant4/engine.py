@@ -390,6 +390,7 @@ class Geant4Engine:
         # centre the slabs on the shower axis at mid-depth so inclined showers stay contained
         cx = 0.5 * depth * math.tan(self.axis_theta) * math.cos(self.axis_phi)
         cy = 0.5 * depth * math.tan(self.axis_theta) * math.sin(self.axis_phi)
+        self.slab_centre_mm = (cx, cy)  # the fast-simulation hook's twin is centred alike
         margin = 10.0
         v = self._geometry_version
         # material in front of the stack (upstream slab, the hook's entrance layer): z in [-front, 0]
@@ -624,7 +625,7 @@ class Geant4Engine:
         self._out_upstream = []
         self._set_reference(bool(reference))
         if fastsim is not None:
-            fastsim.begin_run(seed)
+            fastsim.begin_run(seed, centre_mm=self.slab_centre_mm)
         try:
             # BeamOn in chunks so a progress bar moves; event ids restart at 0 in every BeamOn
             chunk = n if progress is None else max(1, min(n, 10))

@@ -34,7 +34,9 @@ sampling fraction of its layer (:func:`pcshower.physics.sampling.sampling_layers
 stack's tune, :func:`pcshower.simulate.tuning.sampling_scale`) is the model's deposit.
 
 Particles outside the model's training range (energy, angle, species) are left to Geant4 unless
-``extrapolate`` is set, so the default configuration never asks a model for what it did not learn.
+``extrapolate`` is set: energies inside the model's training range, angles inside what
+``pcshower.generate`` accepts for it (its training range plus generate's tolerance of 2 % of the
+range's width), species among those it was trained on.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ __all__ = ["FastSim", "FastSimHook", "FastSimRecord", "Upstream", "twin_geometry
            "check_upstream_material",
            "DEFAULT_THRESHOLD_GEV", "DEFAULT_BATCH_SIZE", "ENTRANCE_MM", "HOOK_PARTICLES"]
 
-#: Default kinetic-energy threshold (GeV) above which the hook takes a particle over. 1 GeV as in
-#: the issue; with the shipped model (trained on 10-100 GeV) the window starts at 10 GeV unless
-#: ``extrapolate`` is set.
+#: Default kinetic-energy threshold (GeV) above which the hook takes a particle over (set it with
+#: ``--fastsim-threshold``); the window also ends where the model's training range does.
 DEFAULT_THRESHOLD_GEV = 1.0
 #: Stopped particles that trigger a generation pass (at the end of the event that reaches it).
 DEFAULT_BATCH_SIZE = 256
@@ -354,15 +355,12 @@ def _plan(config: FastSim, stack: Stack, transverse: tuple) -> _Plan:
     theta = (math.radians(_PROBE_DEG[first]), math.radians(_PROBE_DEG[last]))
     mid_deg = float(_PROBE_DEG[(first + last) // 2])
 
-    def edge(inside: float, outside: float) -> float:
-        for _ in range(40):  # bisection to ~1e-12 of the range
-            mid = 0.5 * (inside + outside)
-            inside, outside = (mid, outside) if accepts(mid, mid_deg) else (inside, mid)
-        return inside
-
-    lo = edge(e_lo, 0.5 * e_lo) if accepts(e_lo, mid_deg) else e_lo
-    hi = edge(e_hi, 2.0 * e_hi) if accepts(e_hi, mid_deg) else e_hi
-    return _Plan(net, str(path), sha, twin, particles, (max(low, 1000.0 * lo), 1000.0 * hi), theta)
+    if not (accepts(e_lo, mid_deg) and accepts(e_hi, mid_deg)):
+        raise ValueError(f"fastsim model {config.model!r} refuses the ends of its own energy "
+                         f"range [{e_lo:g}, {e_hi:g}] GeV on {stack.name!r}")
+    # energies: the training range itself (generate would also take 2 % of its width beyond)
+    return _Plan(net, str(path), sha, twin, particles, (max(low, 1000.0 * e_lo), 1000.0 * e_hi),
+                 theta)
 
 
 def _sha256(path) -> str:
@@ -498,8 +496,12 @@ class FastSimHook:
         lv.SetSensitiveDetector(mfd)
         return [mfd, scorer, filt]
 
-    def begin_run(self, seed: int) -> None:
+    def begin_run(self, seed: int, centre_mm=(0.0, 0.0)) -> None:
+        """Start a run: ``centre_mm`` is where the engine centred its slabs in x, y (on the mean
+        shower axis at mid-depth); the twin's face is centred there too, so a generated point is
+        kept exactly where the slabs are."""
         self._seed = int(seed)
+        self._centre = (float(centre_mm[0]), float(centre_mm[1]))
         self._passes = 0
         self._pending = []
         self._stopped: list = []  # rows: event, pdg, T, x, y, z, dx, dy, dz, visible, outside
@@ -557,7 +559,9 @@ class FastSimHook:
             r = rows[sel]
             theta = np.degrees(np.arccos(np.clip(r[:, 8], -1.0, 1.0)))
             phi = np.degrees(np.arctan2(r[:, 7], r[:, 6]))
-            position = np.c_[r[:, 3], r[:, 4], np.zeros(len(r))]
+            # the twin's face is centred on the origin, the engine's slabs on self._centre: the
+            # impact point in the twin's frame (the points come back about the entry point)
+            position = np.c_[r[:, 3] - self._centre[0], r[:, 4] - self._centre[1], np.zeros(len(r))]
             seed = (int(state[0]) << 32 | int(state[1])) ^ (abs(code) << 1 | (code < 0))
             showers = generate(r[:, 2] / 1000.0, theta, self.plan.twin, phi=phi, position=position,
                                particle=int(code), steps=self.config.steps, seed=seed,
