@@ -211,3 +211,55 @@ def test_read_metadata_refuses_foreign_files(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
     with pytest.raises(ValueError, match="not one pcshower exported"):
         read_export_metadata(path)
+
+
+def test_ddml_input_frame_matches_the_face_frame_chain(ddml_file):
+    """DDML's local direction (theta 30, phi 90: towards DDML's +y = the stave's -u) is the face
+    frame's azimuth 180 deg: the file's points are the chain's there, x = v and y = -u."""
+    import copy
+
+    from pcshower.models.export import _LocalChain
+    from pcshower.models.generate import load_default_model
+
+    net = copy.deepcopy(load_default_model())
+    net.chunk_points = None
+    chain = _LocalChain(net, load_geometry("ild"), 0, 16, "heun", 0.0, True)
+    m = torch.jit.load(str(ddml_file))
+    torch.manual_seed(4)
+    out = m(torch.tensor([[12.0]]), torch.tensor([[30.0]]), torch.tensor([[90.0]])).numpy()
+    torch.manual_seed(4)
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    pts, _ = chain(f64(12.0), f64(np.radians(30.0)), f64(np.pi))
+    pts = pts.numpy()
+    counts, body = _decode_ddml(out)
+    assert counts.sum() == len(pts)  # a 12 GeV shower fits unmerged
+    order = np.argsort(pts[:, 3], kind="stable")
+    np.testing.assert_allclose(body[:, 0], pts[order, 1], atol=1e-3)
+    np.testing.assert_allclose(body[:, 1], -pts[order, 0], atol=1e-3)
+    assert body[:, 1].mean() > 5.0  # the shower drifts towards DDML's +y
+
+
+def test_export_leaves_the_callers_state_and_files_check_their_inputs(ddml_file, tmp_path):
+    import copy
+
+    from pcshower.models.generate import load_default_model
+
+    torch.manual_seed(99)
+    want = torch.rand(3)
+    torch.manual_seed(99)
+    export_model(None, tmp_path / "s.pt", layout="native", steps=1)
+    assert torch.equal(torch.rand(3), want)  # the caller's random stream is untouched
+    m = torch.jit.load(str(ddml_file))
+    one = lambda v: torch.tensor([[v]])  # noqa: E731
+    for e, th, words in ((float("nan"), 0.0, "energy"), (-5.0, 0.0, "energy"),
+                         (50.0, 95.0, "theta")):
+        with pytest.raises(torch.jit.Error, match=words):  # a c10::Error in libtorch
+            m(one(e), one(th), one(0.0))
+    # a model conditioned on a spread of azimuths cannot be exported to a local frame
+    net = copy.deepcopy(load_default_model())
+    net.checkpoint_info = copy.deepcopy(net.checkpoint_info)
+    net.checkpoint_info["provenance"]["phi_range_rad"] = [0.0, 6.28]
+    with pytest.raises(ValueError, match="conditioned on the azimuth"):
+        export_model(net, tmp_path / "phi.pt", layout="native")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        export_model(None, tmp_path / "z.pt", layout="native", steps=0)

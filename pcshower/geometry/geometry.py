@@ -341,7 +341,7 @@ class Geometry:
         kept = torch.nonzero(p.keep).flatten()
         du, dv, w, layer, depth = (t.index_select(0, kept) for t in (p.du, p.dv, p.w, p.layer, p.depth))
         moved = torch.nonzero(self._layer_of_depth(depth) != layer).flatten()
-        if moved.numel():
+        if moved.numel() or torch.jit.is_tracing():  # traced: kept whatever the traced shower had
             du, dv, w = du.clone(), dv.clone(), w.clone()
             du[moved], dv[moved], w[moved] = self._into_active_slab(p, kept.index_select(0, moved))
         return du, dv, w, kept

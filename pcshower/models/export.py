@@ -97,9 +97,9 @@ class _LocalChain(nn.Module):
         frames: ShowerFrames = self.geom.modules.frames(module, torch.zeros_like(direction[:, :2]),
                                                         direction)
         theta_model = (math.pi / 2 - frames.theta_local) if self.barrel else frames.theta_local
-        cond_phi = self.cond_phi if self.cond_phi is not None else frames.phi_local
+        # the model saw one azimuth (export_model refuses others): it is conditioned on that one
         showers = self.net.sample(energy, theta_model, frames.phi_local, steps=self.steps,
-                                  sampler=self.sampler, cond_phi=cond_phi)
+                                  sampler=self.sampler, cond_phi=self.cond_phi)
         placed = self.geom._place_in(showers, frames, None, True, hand_over=False)
         du, dv, w, kept = self.geom._visible_points(placed)
         layer = placed.layer.index_select(0, kept).to(torch.float64)
@@ -140,6 +140,18 @@ def _merge_to_fit(points: torch.Tensor, capacity: int, pitches: List[float]) -> 
                        "merged on the coarsest grid")
 
 
+def _check_inputs(e: torch.Tensor, th: torch.Tensor, ph: torch.Tensor):
+    """The inputs of an exported file (GeV, rad), refused unless physical."""
+    if not bool(torch.isfinite(e).all()) or bool((e <= 0).any()):
+        raise RuntimeError("pcshower export: energy must be finite and > 0 GeV")
+    if not bool(torch.isfinite(th).all()) or bool((th < 0).any()) \
+            or bool((th >= 0.5 * 3.141592653589793).any()):
+        raise RuntimeError("pcshower export: theta must be in [0, 90) degrees (the angle to the "
+                           "face normal of a particle entering the calorimeter)")
+    if not bool(torch.isfinite(ph).all()):
+        raise RuntimeError("pcshower export: phi must be finite")
+
+
 class _DDMLCaloClouds(nn.Module):
     """DDML's CaloClouds interface over two traced chains (normal and oblique incidence)."""
 
@@ -152,8 +164,9 @@ class _DDMLCaloClouds(nn.Module):
         e = energy.reshape(-1).to(torch.float64)
         th = torch.deg2rad(theta.reshape(-1).to(torch.float64))
         ph = torch.deg2rad(phi.reshape(-1).to(torch.float64))
-        if e.shape[0] != 1:
+        if e.shape[0] != 1 or th.shape[0] != 1 or ph.shape[0] != 1:
             raise RuntimeError("the ddml-caloclouds layout takes one shower per call ([1, 1] inputs)")
+        _check_inputs(e, th, ph)
         # DDML's local frame (x along the stave's v = beam axis, y = n x v = -u, z = n) to the
         # face frame: a direction (sin t cos p, sin t sin p, cos t) there has u = -sin t sin p,
         # v = sin t cos p
@@ -190,6 +203,7 @@ class _Native(nn.Module):
         ph = torch.deg2rad(phi.reshape(-1).to(torch.float64))
         if th.shape[0] != e.shape[0] or ph.shape[0] != e.shape[0]:
             raise RuntimeError("energy, theta and phi must hold one number per shower each")
+        _check_inputs(e, th, ph)
         n = e.shape[0]
         out = torch.zeros(n, self.max_points, 5, dtype=torch.float32)
         counts = torch.zeros(n, dtype=torch.int64)
@@ -211,16 +225,21 @@ class _Native(nn.Module):
         return out, counts
 
 
-def _probe_conditions(net, batch: int, oblique: bool) -> List[Tuple[torch.Tensor, ...]]:
-    """Conditions spanning the model's range (energies at both ends and the middle)."""
+def _probe_conditions(net, batch: int, oblique: bool,
+                      theta_max: float) -> List[Tuple[torch.Tensor, ...]]:
+    """Conditions inside the model's range: energies about both ends and the middle, local
+    angles (oblique) spread over (0, ``theta_max``] rad; rows distinct, never outside."""
     lo, hi = net.energy_range
     probes = []
-    for i, f in enumerate((0.02, 0.5, 0.98)):
-        e = torch.full((batch,), lo + f * (hi - lo), dtype=torch.float64)
-        e = e * (1.0 + 0.01 * torch.arange(batch, dtype=torch.float64))  # distinct rows
-        th = torch.full((batch,), (0.25 + 0.2 * i) if oblique else 0.0, dtype=torch.float64)
-        th = th + (0.01 * torch.arange(batch, dtype=torch.float64) if oblique else 0.0)
-        ph = torch.full((batch,), 0.3 + i if oblique else 0.0, dtype=torch.float64)
+    rows = torch.arange(batch, dtype=torch.float64)
+    spread = rows / max(batch, 1)  # [0, 1)
+    for i, f in enumerate((0.02, 0.5, 0.93)):
+        e = lo + (f + 0.05 * spread) * (hi - lo)
+        if oblique:
+            th = theta_max * (0.3 + 0.3 * i + 0.1 * spread) / 1.0
+            ph = 0.3 + i + 6.0 * spread
+        else:
+            th, ph = torch.zeros(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64)
         probes.append((e, th, ph))
     return probes
 
@@ -263,15 +282,15 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     from pcshower import __version__
     from pcshower.geometry import load_geometry
     from pcshower.io._atomic import atomic_path, check_output
-    from pcshower.models.generate import _barrel_convention, resolve_model
+    from pcshower.models.generate import _barrel_convention, _positive_int, resolve_model
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown export layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout == "ddml-caloclouds" and batch != 1:
-        raise ValueError("the ddml-caloclouds layout is one shower per call: batch must be 1")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, got {batch!r}")
-    net = resolve_model(model, "cpu")
+    if layout == "ddml-caloclouds" and batch != 1:
+        raise ValueError("the ddml-caloclouds layout is one shower per call: batch must be 1")
+    net = resolve_model(model)  # not moved: the file's copy is made below
     geom = load_geometry(geometry)
     if geom.modules is None:
         raise ValueError(f"geometry {geom.name} is a cylindrical surface readout; exported "
@@ -286,30 +305,38 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
                       f"reads {DDML_LAYERS} per-layer counts (CaloCloudsTwoAngleModel::m_nLayer, "
                       f"not a steering property): the file writes {layers} counts, so DDML needs "
                       f"m_nLayer = {layers} to read it", stacklevel=2)
-    out = check_output(out, overwrite=overwrite)  # before the work, after the cheap checks
     info = getattr(net, "checkpoint_info", {}) or {}
     phi_range = info.get("provenance", {}).get("phi_range_rad")
-    cond_phi = phi_range[0] if phi_range and phi_range[1] - phi_range[0] < 1e-9 else None
-    steps = int(steps or net.config["steps"])
+    if not (phi_range and phi_range[1] - phi_range[0] < 1e-9):
+        raise ValueError("this model is conditioned on the azimuth of its training showers (the "
+                         "detector's global phi); an exported file sees only the local direction "
+                         "at the face, so it cannot give that model's showers: export a model "
+                         "trained at one azimuth (azimuthally symmetric physics-frame showers)")
+    cond_phi = float(phi_range[0])
+    steps = net.config["steps"] if steps is None else _positive_int("steps", steps)
     sampler = sampler or net.config["sampler"]
-    net.objective.network_calls(sampler, steps)  # unknown samplers fail here, before tracing
+    net.objective.network_calls(sampler, int(steps))  # unknown samplers fail here, before tracing
+    steps = int(steps)
+    out = check_output(out, overwrite=overwrite)  # before the work, after the cheap checks
     barrel = _barrel_convention(net)
-    # the file gets its own copy of the weights: the trace's parameters are made inference-only
-    # below, which must not touch the caller's model
-    own = copy.deepcopy(net)
+    theta_range = _local_theta_range(net, barrel)
+    # the file gets its own copy of the weights (on the CPU): the trace's parameters are made
+    # inference-only below, which must not touch the caller's model
+    own = copy.deepcopy(net).to("cpu")
     own.chunk_points = None  # one pass: the chunked loop is Python control flow
     chain = _LocalChain(own, geom, 0, steps, sampler, cond_phi, barrel)
     traced = {}
-    for name, oblique in (("normal", False), ("oblique", True)):
-        probes = _probe_conditions(net, batch, oblique)
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            # the tracer's notes on the Python values it froze (the check below is the test)
-            warnings.simplefilter("ignore")
-            traced[name] = torch.jit.trace(chain, probes[1], check_trace=False)
-        for p in traced[name].parameters():  # inference only: no autograd in the graph
-            p.requires_grad_(False)
-        check_export(traced[name], chain, probes)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        for name, oblique in (("normal", False), ("oblique", True)):
+            probes = _probe_conditions(net, batch, oblique, math.radians(theta_range[1]))
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                # the tracer's notes on the Python values it froze (the check below is the test)
+                warnings.simplefilter("ignore")
+                traced[name] = torch.jit.trace(chain, probes[1], check_trace=False)
+            for p in traced[name].parameters():  # inference only: no autograd in the graph
+                p.requires_grad_(False)
+            check_export(traced[name], chain, probes)
     if layout == "ddml-caloclouds":
         pitch = float(min(geom.readout.pitch.tolist()))
         top = _DDMLCaloClouds(traced["normal"], traced["oblique"], layers, max_elements,
@@ -344,11 +371,35 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     if layout == "ddml-caloclouds":
         meta["max_elements"] = max_elements
         meta["merge_pitch_mm"] = [f * pitch for f in DDML_MERGE_FRACTIONS]
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with atomic_path(out) as tmp, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta, indent=1)})
+        _check_saved(torch.jit.load(str(tmp), map_location="cpu"), scripted, layout, batch,
+                     net.energy_range, theta_range)
     meta["sha256"] = _sha256(out)
     return meta
+
+
+def _check_saved(loaded, scripted, layout: str, batch: int, energy_range, theta_range_deg):
+    """The file as written must give the in-memory module's output (same seed), at normal and
+    oblique incidence, through the layout's own inputs (degrees, DDML's frame, merging)."""
+    e = 0.5 * (energy_range[0] + energy_range[1])
+    th = 0.5 * theta_range_deg[1]
+    for i, (theta, phi) in enumerate(((0.0, 0.0), (th, 60.0))):
+        if layout == "ddml-caloclouds":
+            args = tuple(torch.tensor([[v]], dtype=torch.float32) for v in (e, theta, phi))
+        else:
+            rows = torch.arange(batch, dtype=torch.float64) / max(batch, 1)
+            args = (e * (1 + 0.05 * rows), torch.full((batch,), theta, dtype=torch.float64),
+                    torch.full((batch,), phi, dtype=torch.float64))
+        torch.manual_seed(777 + i)
+        want = scripted(*args)
+        torch.manual_seed(777 + i)
+        got = loaded(*args)
+        want, got = (w if isinstance(w, tuple) else (w,) for w in (want, got))
+        if any(not torch.equal(a, b) for a, b in zip(want, got)):
+            raise RuntimeError("export check failed: the written file does not reproduce the "
+                               "module it was saved from")
 
 
 def _local_theta_range(net, barrel: bool) -> list:
