@@ -302,3 +302,20 @@ placement:
     with pytest.warns(UserWarning, match="misses the readout of small_plane"):
         hits = _project(far, geom, torch.Generator().manual_seed(1)).hits
     assert float(hits.outside_energy.sum()) > 0.5 * 100_000 * 0.9
+
+
+def test_the_model_angle_is_the_incidence_at_the_given_position():
+    """With ``position`` the model's angle (90 deg minus the incidence) is taken on the face the
+    shower enters there, not at the default impact point: a photon at phi = -70 deg aimed at the
+    middle of ILD's stave 0 (phi 0) meets it 70 deg off the normal, beyond the shipped model's
+    60 deg, and is refused; the same direction at its own default impact (stave 7, 25 deg off)
+    is accepted."""
+    geom = pcshower.load_geometry("ild")
+    centre = geom.default_impact(torch.tensor([np.pi / 2]), torch.tensor([0.0]))[0].numpy()
+    local, _ = geom.local_direction(torch.tensor([np.pi / 2]), torch.tensor([np.radians(-70.0)]),
+                                    torch.as_tensor(centre)[None])
+    assert abs(np.degrees(float(local[0])) - 70.0) < 1e-6
+    with pytest.raises(ValueError, match="outside the range the model was trained on"):
+        generate(50.0, 90.0, "ild", phi=-70.0, position=centre, seed=1, steps=1)
+    shower = generate(50.0, 90.0, "ild", phi=-70.0, seed=1, steps=1)
+    assert len(shower) == 1 and shower.points.shape[0] > 0

@@ -211,14 +211,17 @@ class Geometry:
         point = f.origin + f.impact_uv[:, :1] * f.u + f.impact_uv[:, 1:] * f.v
         return torch.where((f.module >= 0)[:, None], point, torch.full_like(point, math.nan))
 
-    def local_direction(self, theta, phi):
-        """``(theta_local, phi_local)``: the incident direction at the default impact point as the
-        angle to the face normal and the azimuth about it (radians). Identity for a single plane
-        facing +z; for a barrel, global theta = 90 deg is normal incidence. NaN where the
-        particle misses the calorimeter."""
+    def local_direction(self, theta, phi, position=None):
+        """``(theta_local, phi_local)``: the incident direction at the default impact point (or
+        at ``position`` [B, 3] mm, on the face of the module containing it) as the angle to the
+        face normal and the azimuth about it (radians). Identity for a single plane facing +z;
+        for a barrel, global theta = 90 deg is normal incidence. NaN where the particle misses
+        the calorimeter."""
         theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1)
         phi = torch.as_tensor(phi, dtype=torch.float64).reshape(-1).expand_as(theta)
-        f = self._frames(torch.zeros(theta.numel(), 3, dtype=torch.float64), theta, phi)
+        where = torch.zeros(theta.numel(), 3, dtype=torch.float64) if position is None else \
+            torch.as_tensor(position, dtype=torch.float64).reshape(-1, 3).expand(theta.numel(), 3)
+        f = self._frames(where, theta, phi)
         miss = f.module < 0
         nan = torch.full_like(f.theta_local, math.nan)
         return torch.where(miss, nan, f.theta_local), torch.where(miss, nan, f.phi_local)

@@ -269,10 +269,19 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
         geom = load_geometry(geometry)
     # the model's angle: for a model trained on a barrel's global angles, 90 deg minus the
     # incidence to the face normal of the geometry the showers go to (the same angle for ILD)
+    pos = None
+    if position is not None:
+        pos = np.asarray(position, dtype=np.float64)
+        if pos.shape == (3,):
+            pos = np.broadcast_to(pos, (e_arr.size, 3))
+        if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] != e_arr.size:
+            raise ValueError(f"position must be [3] or [{e_arr.size}, 3] mm, got shape {pos.shape}")
     model_theta, note = theta_arr, ""
     converted = geom is not None and _barrel_convention(net)
     if converted:
-        local, _ = geom.local_direction(torch.as_tensor(theta_arr), torch.as_tensor(phi_arr))
+        # the incidence at each shower's own impact point (the default one without a position)
+        local, _ = geom.local_direction(torch.as_tensor(theta_arr), torch.as_tensor(phi_arr),
+                                        None if pos is None else torch.as_tensor(pos))
         local = local.double().numpy().reshape(theta_arr.shape)
         miss = ~np.isfinite(local)
         if miss.any():
@@ -291,13 +300,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     e_arr, theta_arr, phi_arr, model_theta = (np.repeat(a, n) for a in (e_arr, theta_arr, phi_arr,
                                                                          model_theta))
     total = e_arr.size
-    pos = None
-    if position is not None:
-        pos = np.asarray(position, dtype=np.float64)
-        if pos.shape == (3,):
-            pos = np.broadcast_to(pos, (total // n, 3))
-        if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] != total // n:
-            raise ValueError(f"position must be [3] or [{total // n}, 3] mm, got shape {pos.shape}")
+    if pos is not None:
         pos = np.repeat(pos, n, axis=0)
 
     if seed is None:
