@@ -18,7 +18,6 @@ geometry and steps. The engines simulate the same 50 GeV photon at normal incide
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 import pcshower
-from pcshower.bench import time_reference_simulator
+from pcshower.bench import report_json, time_reference_simulator
 from pcshower.models.export import export_model
 
 
@@ -92,10 +91,7 @@ def main() -> int:
     for row in engines:
         row["over_exported"] = row["ms_per_shower"] / exported_ms
         row["over_generate"] = row["ms_per_shower"] / generate_ms
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report_json(result, args.json)
     return 0
 
 

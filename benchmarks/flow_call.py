@@ -13,13 +13,13 @@ period hits both alike; the medians and ranges of the rounds' mean call times ar
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from pcshower.bench import report_json
 from pcshower.models import showerflow
 from pcshower.models.generate import load_default_model
 
@@ -63,10 +63,7 @@ def main() -> int:
                          "min_ms": min(ms), "max_ms": max(ms)})
     result = {"date": time.strftime("%Y-%m-%d"), "torch_version": torch.__version__,
               "threads": 1, "rounds": args.rounds, "calls": args.calls, "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report_json(result, args.json)
     return 0
 
 

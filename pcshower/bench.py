@@ -129,6 +129,17 @@ def _bench_one(model, geometry, energy: float, theta: float, steps: int, batch: 
     return row
 
 
+def report_json(result: dict, path=None) -> None:
+    """Print ``result`` as JSON and, with ``path``, write it there too (folders made): the raw
+    numbers a benchmark script leaves beside docs/."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
 def time_reference_simulator(energies, theta: float, n: int, stack: str = "ild",
                              repeats: int = 3, engine: str = "parametrised") -> list[dict]:
     """Milliseconds per shower of one of the project's engines (``parametrised`` or

@@ -42,7 +42,6 @@ traced graph must reproduce the Python chain on probe showers across the model's
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import warnings
@@ -264,14 +263,6 @@ def check_export(traced, chain, probes, seed: int = 12345) -> float:
     return worst
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str = "ild",
                  steps: int | None = None, sampler: str | None = None, batch: int = 1,
                  overwrite: bool = False, max_elements: int = DDML_MAX_ELEMENTS) -> dict:
@@ -282,6 +273,7 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     from pcshower import __version__
     from pcshower.geometry import load_geometry
     from pcshower.io._atomic import atomic_path, check_output
+    from pcshower.io.digest import file_sha256
     from pcshower.models.generate import _barrel_convention, _positive_int, resolve_model
 
     if layout not in LAYOUTS:
@@ -376,7 +368,7 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta, indent=1)})
         _check_saved(torch.jit.load(str(tmp), map_location="cpu"), scripted, layout, batch,
                      net.energy_range, theta_range)
-    meta["sha256"] = _sha256(out)
+    meta["sha256"] = file_sha256(out)
     return meta
 
 

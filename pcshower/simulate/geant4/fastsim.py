@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pcshower.io.digest import file_sha256
 from pcshower.physics.stack import Stack
 from pcshower.simulate.geant4.datasets import ELECTRON_MASS_MEV
 from pcshower.units import particle_code, particle_name
@@ -312,7 +313,7 @@ def _plan(config: FastSim, stack: Stack, transverse: tuple) -> _Plan:
                          f"checkpoint ({type(err).__name__}: {err})") from None
     info = getattr(net, "checkpoint_info", None) or {}
     # the checkpoint's own content digest (what pcshower.generate records), else the file's
-    sha = info.get("sha256") or _sha256(path)
+    sha = info.get("sha256") or file_sha256(path)
     trained = tuple(int(p) for p in (info.get("provenance", {}) or {}).get("particles") or ())
     if config.particles is None:
         particles = tuple(p for p in HOOK_PARTICLES if p in trained) if trained else HOOK_PARTICLES
@@ -361,16 +362,6 @@ def _plan(config: FastSim, stack: Stack, transverse: tuple) -> _Plan:
     # energies: the training range itself (generate would also take 2 % of its width beyond)
     return _Plan(net, str(path), sha, twin, particles, (max(low, 1000.0 * e_lo), 1000.0 * e_hi),
                  theta)
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- the record
@@ -469,7 +460,7 @@ class FastSimHook:
                            "electrons entering the stack in the hook's window were stopped at "
                            "its front face and their showers generated (docs/integration.md)",
                 "fastsim_model": p.path, "fastsim_model_sha256": p.sha256,
-                "fastsim_model_file_sha256": _sha256(p.path),
+                "fastsim_model_file_sha256": file_sha256(p.path),
                 "fastsim_threshold_gev": self.config.threshold_gev,
                 "fastsim_particles": [particle_name(c) for c in p.particles],
                 "fastsim_energy_window_gev": [p.energy_mev[0] / 1000.0, high],
