@@ -95,17 +95,24 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--spread", action="store_true",
                    help="a different direction per shower (default: one shared direction)")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
+                   help="tuned (default): the allocator settings pcshower generate uses "
+                        "(pcshower.allocator.tune_allocator); default: glibc's own")
     p.add_argument("--sampling-only", action="store_true",
                    help="time only the shared sampling model (depth_x0_to_mm + to_active_layers) "
                         "on the showers' depths at normal incidence")
     ARGS = p.parse_args()
+    if ARGS.malloc == "tuned":
+        from pcshower.allocator import tune_allocator
+
+        tune_allocator()
     torch.set_num_threads(ARGS.threads)
     device = torch.device(ARGS.device)
     geo = load_geometry(ARGS.geometry)
     showers = synthetic_showers(ARGS.showers, ARGS.points, device, spread=ARGS.spread)
     result = {"geometry": geo.name, "device": str(device), "threads": ARGS.threads,
               "directions": "one per shower" if ARGS.spread else "shared",
-              "showers": ARGS.showers, "points_per_shower": ARGS.points}
+              "showers": ARGS.showers, "points_per_shower": ARGS.points, "malloc": ARGS.malloc}
     if ARGS.sampling_only:
         result["part"] = "sampling model only"
     for fluctuate in (False, True):
