@@ -263,13 +263,20 @@ def fit_split(model: str, data: str, out: str, *, factor: int | None = None,
     return info
 
 
+def _checkpoint_arg(text: str) -> Path:
+    """A MODEL argument: a checkpoint file, or 'default' for the shipped model."""
+    from pcshower.models.generate import default_model_path
+
+    model = default_model_path() if text == "default" else Path(text)
+    if not model.is_file():
+        raise ValueError(f"model {model} is not a file; give a checkpoint or 'default'")
+    return model
+
+
 def _export(args) -> int:
     from pcshower.models.export import export_model
 
-    model = None if args.model == "default" else args.model
-    if model is not None and not Path(model).is_file():
-        raise ValueError(f"model {model} is not a file; give a checkpoint or 'default'")
-    meta = export_model(model, args.out, layout=args.layout, geometry=args.geometry,
+    meta = export_model(_checkpoint_arg(args.model), args.out, layout=args.layout, geometry=args.geometry,
                         steps=args.steps, sampler=args.sampler, batch=args.batch,
                         overwrite=args.overwrite)
     print(f"wrote {args.out}: {meta['layout']} layout, geometry {meta['geometry']}, "
@@ -280,12 +287,9 @@ def _export(args) -> int:
 
 def _finetune(args) -> int:
     from pcshower.io._atomic import check_output
-    from pcshower.models.generate import default_model_path
     from pcshower.models.train import finetune
 
-    model = default_model_path() if args.model == "default" else Path(args.model)
-    if not model.is_file():
-        raise ValueError(f"model {model} is not a file; give a checkpoint or 'default'")
+    model = _checkpoint_arg(args.model)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or set(parts) - {"flow", "points"}:
         raise ValueError(f"--parts takes flow, points or flow,points, got {args.parts!r}")

@@ -144,7 +144,7 @@ def _check_inputs(e: torch.Tensor, th: torch.Tensor, ph: torch.Tensor):
     if not bool(torch.isfinite(e).all()) or bool((e <= 0).any()):
         raise RuntimeError("pcshower export: energy must be finite and > 0 GeV")
     if not bool(torch.isfinite(th).all()) or bool((th < 0).any()) \
-            or bool((th >= 0.5 * 3.141592653589793).any()):
+            or bool((th >= 0.5 * math.pi).any()):
         raise RuntimeError("pcshower export: theta must be in [0, 90) degrees (the angle to the "
                            "face normal of a particle entering the calorimeter)")
     if not bool(torch.isfinite(ph).all()):
@@ -235,7 +235,7 @@ def _probe_conditions(net, batch: int, oblique: bool,
     for i, f in enumerate((0.02, 0.5, 0.93)):
         e = lo + (f + 0.05 * spread) * (hi - lo)
         if oblique:
-            th = theta_max * (0.3 + 0.3 * i + 0.1 * spread) / 1.0
+            th = theta_max * (0.3 + 0.3 * i + 0.1 * spread)
             ph = 0.3 + i + 6.0 * spread
         else:
             th, ph = torch.zeros(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64)

@@ -284,8 +284,7 @@ class ShowerFlow(nn.Module):
         """
         if torch.is_grad_enabled() or torch.jit.is_tracing():  # traced: zuko's own code
             return self._sample(context, generator)
-        z = torch.randn(context.shape[0], self.features, generator=generator,
-                        device=context.device, dtype=context.dtype)
+        z = self._noise(context, generator)
         with _FAST_LOCK, torch.inference_mode():
             graph = self._graph(z, context)
             if graph is not None:
@@ -302,10 +301,13 @@ class ShowerFlow(nn.Module):
         base = getattr(dist.base, "base_dist", dist.base)  # zuko's DiagNormal is Independent(Normal)
         return dist.transform.inv(base.loc + base.scale * z)
 
+    def _noise(self, context: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal base noise, one row per context row."""
+        return torch.randn(context.shape[0], self.features, generator=generator,
+                           device=context.device, dtype=context.dtype)
+
     def _sample(self, context, generator):
-        z = torch.randn(context.shape[0], self.features, generator=generator,
-                        device=context.device, dtype=context.dtype)
-        return self._inverse(z, context)
+        return self._inverse(self._noise(context, generator), context)
 
     def _graph(self, z: torch.Tensor, context: torch.Tensor):
         """The traced inverse for this call's shapes once they were seen :data:`TRACE_AFTER`
