@@ -272,6 +272,8 @@ def test_evaluate_writes_report_and_json(tmp_path):
     assert 0 <= data["classifier_gbdt"]["auc"] <= 1 and "floor_auc" in data["classifier_deepsets"]
     assert {"value", "floor"} <= set(data["kpd"]) and len(data["conditional"]) == 2
     assert result["summary"]["worst_w1"]
+    assert "pca_theta" in data["observables"]
+    assert "reconstruction" not in data  # point clouds: no detector to reconstruct in
     for png in ("evaluate_energy.png", "evaluate_profiles.png", "evaluate_display_reference.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 

@@ -47,7 +47,7 @@ __all__ = [
 SCALAR_UNITS_DETECTOR = {
     "visible_energy": "MeV", "energy_ratio": "", "num_hits": "", "num_points": "",
     "cog_x": "mm", "cog_y": "mm", "cog_z": "mm", "width_u": "mm", "width_v": "mm",
-    "width_long": "mm", "energy_first_layers": "", "energy_last_layers": "",
+    "width_long": "mm", "pca_theta": "rad", "energy_first_layers": "", "energy_last_layers": "",
 }
 
 
@@ -174,6 +174,27 @@ def transverse_basis(axis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, torch.linalg.cross(d, u)
 
 
+def _pca_polar_angle(e, shower, b, local, var, safe, hits, u, v, axis) -> torch.Tensor:
+    """``[B]`` polar angle (rad) of each shower's principal axis: the eigenvector of the largest
+    eigenvalue of the energy-weighted covariance of its deposits (the shower-axis angle that
+    CaloClouds3, arXiv 2511.01460, checks after reconstruction), oriented along the
+    incident ``axis`` and taken in the deposits' coordinates. Showers with fewer than three
+    deposits have no axis; they get the incident axis' own polar angle."""
+    cross = torch.stack([_scatter_sum(e * local[:, i] * local[:, j], shower, b)
+                         for i, j in ((0, 1), (0, 2), (1, 2))], 1)
+    cov = torch.zeros(b, 3, 3, dtype=torch.float64, device=e.device)
+    cov[:, [0, 1, 2], [0, 1, 2]] = var
+    for k, (i, j) in enumerate(((0, 1), (0, 2), (1, 2))):
+        cov[:, i, j] = cov[:, j, i] = cross[:, k]
+    cov = cov / safe[:, None, None]
+    w = torch.linalg.eigh(cov)[1][:, :, -1]  # local (u, v, axis) components, largest eigenvalue
+    w = torch.where(w[:, 2:3] < 0, -w, w)
+    w = torch.where((hits >= 3)[:, None], w, torch.tensor([0.0, 0.0, 1.0], dtype=w.dtype,
+                                                               device=w.device))
+    direction = w[:, :1] * u + w[:, 1:2] * v + w[:, 2:] * axis
+    return torch.acos((direction[:, 2] / direction.norm(dim=1).clamp_min(1e-12)).clamp(-1, 1))
+
+
 def deposit_observables(energy: torch.Tensor, shower: torch.Tensor, num_showers: int, *,
                         xyz: torch.Tensor, layer: torch.Tensor, num_layers: int,
                         incident_energy: torch.Tensor, radial_edges, axis: torch.Tensor | None = None,
@@ -223,6 +244,7 @@ def deposit_observables(energy: torch.Tensor, shower: torch.Tensor, num_showers:
                          (d * axis[shower]).sum(1)], 1)
     var = torch.stack([_scatter_sum(e * local[:, k] ** 2, shower, b) for k in range(3)], 1)
     width = (var / safe[:, None]).clamp_min(0).sqrt()
+    pca_theta = _pca_polar_angle(e, shower, b, local, var, safe, hits, u, v, axis)
 
     layer_energy = _scatter_sum(e, shower * num_layers + layer, b * num_layers).view(b, num_layers)
     layer_occ = _scatter_sum(ones, shower * num_layers + layer, b * num_layers).view(b, num_layers)
@@ -243,6 +265,7 @@ def deposit_observables(energy: torch.Tensor, shower: torch.Tensor, num_showers:
         "num_hits": hits,
         "cog_x": cog[:, 0], "cog_y": cog[:, 1], "cog_z": cog[:, 2],
         "width_u": width[:, 0], "width_v": width[:, 1], "width_long": width[:, 2],
+        "pca_theta": pca_theta,
         "energy_first_layers": layer_energy[:, :k_edge].sum(1) / safe,
         "energy_last_layers": layer_energy[:, -k_edge:].sum(1) / safe,
     }
@@ -331,7 +354,7 @@ def _units(detector: bool, points: bool) -> dict:
         units.update(layer_energy="MeV", radial_energy="MeV", hit_energy="MeV", point_energy="MeV")
     else:
         units = {"visible_energy": "E/E_inc", "cog_x": "R_M", "cog_y": "R_M", "cog_z": "X0",
-                 "width_u": "R_M", "width_v": "R_M", "width_long": "X0",
+                 "width_u": "R_M", "width_v": "R_M", "width_long": "X0", "pca_theta": "rad",
                  "layer_energy": "E/E_inc", "radial_energy": "E/E_inc",
                  "point_energy": "E/E_inc"}
     return units

@@ -29,6 +29,7 @@ from pcshower.evaluate.metrics import compare_with_floor, split_indices
 from pcshower.evaluate.observables import (Observables, default_layer_edges, default_radial_edges,
                                            geometry_cell_observables, mip_threshold_mev,
                                            point_observables, shower_axes, transverse_basis)
+from pcshower.evaluate.reconstruction import plot_reconstruction, reconstruction_check
 from pcshower.units import DETECTOR_FRAME, GEV_TO_MEV
 
 __all__ = ["EvaluationSample", "sample_from_showers", "sample_from_hits",
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Observables shown in the summary table first (in this order) when present.
 KEY_OBSERVABLES = ("visible_energy", "energy_ratio", "num_hits", "num_points", "cell_energy",
                    "point_energy", "cog_x", "cog_y", "cog_z", "width_u", "width_v", "width_long",
-                   "energy_first_layers", "energy_last_layers")
+                   "pca_theta", "energy_first_layers", "energy_last_layers")
 
 
 @dataclass
@@ -373,6 +374,9 @@ def _metrics(gen: EvaluationSample, ref: EvaluationSample, *, n_boot, seed, bins
            "observables": compare_with_floor(gv, rv, n_gen=len(gen), n_ref=len(ref),
                                              generated_owner=go, reference_owner=ro,
                                              n_boot=n_boot, bins=bins, seed=seed)}
+    # plain means of the per-shower scalars: the first thing a physicist asks after "how far"
+    res["means"] = {k: {"generated": float(np.mean(gv[k])), "reference": float(np.mean(rv[k]))}
+                    for k in gen.observables.scalars if k in gv and k in rv and len(gv[k]) and len(rv[k])}
     if distances:
         skip = _diagnostics(gen.level)
         gf, rf = _clean_features(gen.observables.feature_matrix(exclude=skip),
@@ -464,7 +468,12 @@ def compare_samples(generated: EvaluationSample, reference: EvaluationSample, *,
                                          n_boot=n_boot, seed=seed, bins=bins, distances=distances,
                                          kpd_batch=kpd_batch, fpd_max=fpd_max,
                                          min_showers=min_bin_showers)
-    lap("conditional", t)
+    t = lap("conditional", t)
+    if generated.level == "cells" and "pca_theta" in generated.observables.scalars:
+        result["reconstruction"] = reconstruction_check(
+            generated.observables, reference.observables, energy_bins=energy_bins,
+            theta_bins=theta_bins)
+        lap("reconstruction", t)
     result["summary"] = summarise(result, exclude=_diagnostics(generated.level))
     result["timings_s"] = timings
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -636,7 +645,7 @@ def write_report(result: dict, generated: EvaluationSample, reference: Evaluatio
     images = []
     energy_names = ["visible_energy", "energy_ratio", "num_hits", "num_points", "cell_energy",
                     "point_energy", "energy_first_layers", "energy_last_layers"]
-    shape_names = ["cog_x", "cog_y", "cog_z", "width_u", "width_v", "width_long"]
+    shape_names = ["cog_x", "cog_y", "cog_z", "width_u", "width_v", "width_long", "pca_theta"]
     for tag, group, heading in (("energy", energy_names, "Energy and hits"),
                                 ("shape", shape_names, "Centre of gravity and widths")):
         panels = _panels(generated, reference, group, obs)
@@ -646,6 +655,10 @@ def write_report(result: dict, generated: EvaluationSample, reference: Evaluatio
     images.append(("Profiles", plots.profile_grid(_profile_panels(generated, reference),
                                                   out / f"{prefix}profiles.png", names=names)))
     images.append(("Metrics relative to the floor", _floor_chart(result, out / f"{prefix}floor.png")))
+    if "reconstruction" in result:
+        images.append(("Reconstruction: calibrated energy and shower-axis angle",
+                       plot_reconstruction(result["reconstruction"], out / f"{prefix}reconstruction.png",
+                                           names=names)))
     for sample, tag in ((generated, "generated"), (reference, "reference")):
         p = _display(sample, out / f"{prefix}display_{tag}.png", 0)
         if p is not None:
@@ -668,6 +681,37 @@ def _metric_rows(obs: dict, keys, diagnostics=()) -> str:
                     f"</td><td>{_fmt(s['value'])} ± {_fmt(s['value_err'], 2)}</td><td>{_fmt(s['floor'])}"
                     f" ± {_fmt(s['floor_err'], 2)}</td><td>{_fmt(s['ratio'])}</td></tr>")
     return "\n".join(rows)
+
+
+def _reconstruction_html(check: dict | None, result: dict) -> str:
+    if not check:
+        return ""
+
+    def pm(d, key, scale=1.0, digits=3):
+        if key not in d:
+            return "–"
+        return f"{_fmt(scale * d[key], digits)} ± {_fmt(scale * d[key + '_err'], 2)}"
+
+    gen, ref = html.escape(result["generated"]), html.escape(result["reference"])
+    cal = check["calibration"]
+    rows = [f"<tr><td>{_fmt(r['energy_gev'][0])}–{_fmt(r['energy_gev'][1])} GeV</td>"
+            f"<td>{r['generated']['n']}</td><td>{r['reference']['n']}</td>"
+            f"<td>{pm(r['generated'], 'response')}</td><td>{pm(r['reference'], 'response')}</td>"
+            f"<td>{pm(r['generated'], 'resolution', 100)}</td>"
+            f"<td>{pm(r['reference'], 'resolution', 100)}</td></tr>" for r in check["energy"]]
+    rows += [f"<tr><td>θ {_fmt(np.degrees(r['theta_rad'][0]))}–{_fmt(np.degrees(r['theta_rad'][1]))}"
+             f" deg</td><td>{r['generated']['n']}</td><td>{r['reference']['n']}</td>"
+             f"<td>{pm(r['generated'], 'mean')}</td><td>{pm(r['reference'], 'mean')}</td>"
+             f"<td>{pm(r['generated'], 'std')}</td><td>{pm(r['reference'], 'std')}</td></tr>"
+             for r in check["angle"]]
+    return (f"<h2>Reconstruction level</h2><p>Energy: E_rec = {_fmt(cal['a_gev_per_unit'], 4)} × "
+            f"E_vis + {_fmt(cal['b_gev'], 3)} GeV, fitted on the reference and applied to both; "
+            f"response &lt;E_rec/E&gt; and resolution σ/&lt;E_rec/E&gt; [%]. Angle: θ of the "
+            f"energy-weighted principal axis of the hits minus the incident θ, mean and σ "
+            f"[mrad].</p><table><tr><th>bin</th><th>n {gen}</th><th>n {ref}</th>"
+            f"<th>response / mean {gen}</th><th>response / mean {ref}</th>"
+            f"<th>resolution / σ {gen}</th><th>resolution / σ {ref}</th></tr>"
+            + "\n".join(rows) + "</table>")
 
 
 def _html(result: dict, images, out: Path, title: str | None) -> str:
@@ -735,6 +779,7 @@ Median W1/floor {_fmt(summary.get('w1_ratio_median'))}, worst {_fmt(summary.get(
 <h2>Observables</h2><table>{head}
 {_metric_rows(obs, keys, summary.get('diagnostics', ()))}</table>
 {cond_html}
+{_reconstruction_html(result.get("reconstruction"), result)}
 {imgs}
 <h2>Profile bins</h2><table>{head}
 {_metric_rows(obs, profile_keys)}</table>
