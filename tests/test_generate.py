@@ -319,3 +319,11 @@ def test_the_model_angle_is_the_incidence_at_the_given_position():
         generate(50.0, 90.0, "ild", phi=-70.0, position=centre, seed=1, steps=1)
     shower = generate(50.0, 90.0, "ild", phi=-70.0, seed=1, steps=1)
     assert len(shower) == 1 and shower.points.shape[0] > 0
+
+
+def test_a_small_job_runs_in_several_passes_so_its_progress_moves(tiny_model):
+    from pcshower.models.generate import default_batch_size, generate_batches
+
+    assert [default_batch_size(n) for n in (1, 40, 200, 2560, 10 ** 6)] == [16, 16, 20, 256, 256]
+    parts = list(generate_batches(50, 90, "ild", 40, seed=3, model=tiny_model))
+    assert [len(p) for p in parts] == [16, 16, 8]

@@ -164,7 +164,8 @@ def register(subparsers) -> None:
                         "EDM and flow-matching models, midpoint (flow matching), multistep "
                         "(consistency models); default: the model's")
     g.add_argument("--seed", type=seed_arg(), default=0, help="random seed (default 0)")
-    g.add_argument("--batch-size", type=int, default=None, help="showers per pass (memory bound)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="showers per pass (memory bound; default 256, or a tenth of a smaller job)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's, one per core). On a machine whose cores "
                         "are busy with other jobs use 1: there two threads, waiting for each "

@@ -171,7 +171,8 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         device: torch device (default: CUDA when available, else CPU).
         model: checkpoint path or ShowerModel (default: the model shipped with pcshower).
         batch_size: showers generated (and placed and projected) per pass: the memory bound of
-            the work, default 256; the returned points and hits of all passes stay in memory
+            the work; default :func:`default_batch_size` (256, or a tenth of a smaller job so
+            that its progress moves pass by pass); the returned points and hits of all passes stay in memory
             (:func:`generate_batches` yields them pass by pass instead).
         sampler: one of the model objective's samplers (``"heun"``, ``"euler"``; ``"midpoint"``
             for flow matching; ``"multistep"`` for consistency models); default: the model's.
@@ -196,6 +197,14 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     showers = Showers.concat(parts) if len(parts) > 1 else parts[0]  # keeps the metadata
     showers.hits = CellHits.concat([p.hits for p in parts]) if parts[0].hits is not None else None
     return showers
+
+
+def default_batch_size(total: int) -> int:
+    """Showers per pass when none is given: ``DEFAULT_BATCH_SIZE`` (256), but at least ten passes
+    for jobs of fewer than 2560 showers (and at least 16 showers a pass), so that the progress
+    of a small job moves and a one-call model's bar does not jump from 0 to done. On CPU the
+    cost per shower is flat from batch 16 up (docs/bench/cpu_1thread_chunked.json)."""
+    return int(min(DEFAULT_BATCH_SIZE, max(16, -(-int(total) // 10))))
 
 
 def _positive_int(name: str, value) -> int:
@@ -273,7 +282,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     if position is not None:
         pos = np.asarray(position, dtype=np.float64)
         if pos.shape == (3,):
-            pos = np.broadcast_to(pos, (e_arr.size, 3))
+            pos = np.broadcast_to(pos, (e_arr.size, 3)).copy()
         if pos.ndim != 2 or pos.shape[1] != 3 or pos.shape[0] != e_arr.size:
             raise ValueError(f"position must be [3] or [{e_arr.size}, 3] mm, got shape {pos.shape}")
     model_theta, note = theta_arr, ""
@@ -306,7 +315,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     if seed is None:
         seed = int(torch.randint(2 ** 62, (1,)))
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    size = batch_size or DEFAULT_BATCH_SIZE
+    size = batch_size or default_batch_size(total)
     phi_range = (getattr(net, "checkpoint_info", {}) or {}).get("provenance", {}).get("phi_range_rad")
     # a model that only saw one azimuth (phi-symmetric physics-frame showers) is conditioned on
     # that azimuth; the showers keep the requested phi for their placement
