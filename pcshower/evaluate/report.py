@@ -159,7 +159,13 @@ def sample_from_showers(showers, *, name: str, geometry=None, threshold_mev: flo
                 threshold_mev = mip_threshold_mev(geometry)
             if radial_edges is None:
                 radial_edges = default_radial_edges(3.0 * float(geometry.rm_eff_mm), bins=12)
-            hits = geometry.project(batch, generator=gen)
+            response = None
+            if batch.frame != DETECTOR_FRAME:  # recorded Geant4 deposits: Geant4's response
+                from pcshower.geometry.response import resolve_response
+
+                response, settings["layer_response"] = resolve_response(
+                    "auto", batch.metadata, geometry)
+            hits = geometry.project(batch, generator=gen, response=response)
             if transform_hits is not None:
                 hits = transform_hits(hits)
             cond = {"energy": batch.energy, "theta": batch.theta, "phi": batch.phi}

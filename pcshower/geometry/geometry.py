@@ -229,7 +229,7 @@ class Geometry:
     # ------------------------------------------------------------------ projection
     def project(self, showers: Showers, placement: Placement | None = None, *,
                 generator: torch.Generator | None = None, fluctuate: bool = True,
-                dense: bool = False):
+                dense: bool = False, response=None):
         """Cell hits of a batch of showers in this readout (see the module docstring).
 
         Args:
@@ -239,6 +239,10 @@ class Geometry:
             generator: ``torch.Generator`` for the sampling fluctuations (same seed, same hits).
             fluctuate: draw sampling fluctuations (physics frame only).
             dense: return a ``[B, num_cells]`` tensor (MeV) instead of :class:`CellHits`.
+            response: a :class:`~pcshower.geometry.response.LayerResponse` for physics-frame
+                showers made of recorded Geant4 deposits (or a model taught by them): Geant4's
+                visible/deposited ratio per layer instead of the equivalent-medium sampling
+                model (see :mod:`pcshower.geometry.response`); None: the sampling model.
         """
         if not isinstance(showers, Showers):
             raise TypeError(f"project() takes a pcshower Showers batch, got {type(showers).__name__}")
@@ -248,7 +252,7 @@ class Geometry:
         if dense and self.num_cells > MAX_DENSE_CELLS:
             raise ValueError(f"{self.name} has {self.num_cells} cells, too many for a dense "
                              f"[showers, cells] tensor; use the sparse CellHits (dense=False)")
-        p = self._place(showers, placement, generator, fluctuate)
+        p = self._place(showers, placement, generator, fluctuate, response)
         n = len(showers)
         outside = (~p.inside).to(torch.float64)  # (same-dtype products: mixed dtypes are slow)
         ptr = showers.ptr.to(p.energy.device)
@@ -264,7 +268,8 @@ class Geometry:
         return result.to_dense() if dense else result
 
     def to_detector(self, showers: Showers, placement: Placement | None = None, *,
-                    generator: torch.Generator | None = None, fluctuate: bool = True) -> Showers:
+                    generator: torch.Generator | None = None, fluctuate: bool = True,
+                    response=None) -> Showers:
         """Physics-frame showers as this detector sees them: the visible deposits, in mm and MeV.
 
         The points are placed exactly as :meth:`project` places them (steps 1-4 of the module
@@ -278,6 +283,7 @@ class Geometry:
                 showers carry them as their ``position``, ``theta`` and ``phi``.
             generator: ``torch.Generator`` for the sampling fluctuations.
             fluctuate: draw sampling fluctuations (else the mean visible energy).
+            response: Geant4's recorded layer response, as for :meth:`project`.
 
         Returns:
             Detector-frame :class:`Showers` (``geometry=self.name``, same conditions, metadata
@@ -317,7 +323,7 @@ class Geometry:
             raise ValueError(f"to_detector() takes physics-frame showers; these are {showers.frame}-"
                              f"frame showers {where}, not physics-frame ones for {self.name!r}")
         position, theta, phi = (placement or Placement()).resolve(showers)
-        p = self._place(showers, placement, generator, fluctuate)
+        p = self._place(showers, placement, generator, fluctuate, response)
         du, dv, w, kept = self._visible_points(p)
         batch = p.batch.index_select(0, kept)
         n = len(showers)
@@ -350,17 +356,18 @@ class Geometry:
         return du, dv, w, kept
 
     def _place(self, showers: Showers, placement: Placement | None,
-               generator: torch.Generator | None, fluctuate: bool) -> "_Placed":
+               generator: torch.Generator | None, fluctuate: bool, response=None) -> "_Placed":
         """Every point of ``showers`` placed in the readout: local position, sampling depth,
         layer, visible energy, cell and acceptance (steps 1-4 of the module docstring for
         physics-frame points). The one implementation behind :meth:`project` and
         :meth:`to_detector`, so that both see each deposit in the same cell."""
         position, theta, phi = (placement or Placement()).resolve(showers)
-        return self._place_in(showers, self._frames(position, theta, phi), generator, fluctuate)
+        return self._place_in(showers, self._frames(position, theta, phi), generator, fluctuate,
+                              recorded=response)
 
     def _place_in(self, showers: Showers, frames: ShowerFrames,
                   generator: torch.Generator | None, fluctuate: bool,
-                  hand_over: bool = True) -> "_Placed":
+                  hand_over: bool = True, recorded=None) -> "_Placed":
         """:meth:`_place` in given shower frames (one per shower); ``hand_over=False`` keeps every
         point in the frame of the module its shower entered (the local frame an exported
         pipeline returns, ``pcshower export``), even where it has crossed into a neighbouring
@@ -394,7 +401,7 @@ class Geometry:
             # the stack's Geant4-tuned sampling response, where it has a tune, scales what the
             # layers see (the deposits stay unscaled: they are what outside_energy counts)
             response, kappa = None, {}
-            tune = shipped_tune(self.stack)
+            tune = shipped_tune(self.stack) if recorded is None else None
             if tune is not None:
                 response = expand(tune.sampling_scale(showers.energy.double(),
                                                       frames.theta_local.double()).to(dev))
@@ -436,10 +443,16 @@ class Geometry:
             slab = None  # the sampling depth is no longer the depth along the shower's face normal
         if physics:
             # depths outside the stack fall in no sampling cell (layer -1)
-            seen = energy if response is None else energy * response
-            active, visible = to_active_layers(depth, seen, batch, self.stack,
-                                               fluctuate=fluctuate, generator=generator, slab=slab,
-                                               **kappa)
+            if recorded is None:
+                seen = energy if response is None else energy * response
+                active, visible = to_active_layers(depth, seen, batch, self.stack,
+                                                   fluctuate=fluctuate, generator=generator,
+                                                   slab=slab, **kappa)
+            else:  # recorded Geant4 deposits: Geant4's layer ratio at the layer's shower age
+                active, _ = to_active_layers(depth, energy, batch, self.stack, fluctuate=False,
+                                             slab=slab)
+                visible = recorded.visible(energy, active, batch, n, z, fluctuate=fluctuate,
+                                           generator=generator)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
             if tilted and self.readout.kind != "inclined":
                 du, dv, w = self._onto_sensor(local, du, dv, w, depth, active, r[2] / r[8],

@@ -174,6 +174,11 @@ def register(subparsers) -> None:
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--allow-extrapolation", action="store_true",
                    help="warn instead of failing outside the model's training range")
+    g.add_argument("--response", default="auto", metavar="auto|sampling|FILE",
+                   help="how the geometry reads the model's deposits: 'auto' (the stack's "
+                        "measured Geant4 layer response for a model taught by recorded Geant4 "
+                        "deposits, else the equivalent-medium sampling model), 'sampling', or a "
+                        "response file from 'pcshower tune --response' (docs/geant4.md)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (and its _hits file); without it they are kept")
     g.add_argument("--shard-size", type=int, default=None,
@@ -381,7 +386,7 @@ def _generate(args) -> int:
     kwargs = dict(phi=conds["phi"], particle=args.particle, steps=args.steps, seed=args.seed,
                   device=args.device, model=args.model, batch_size=args.batch_size,
                   sampler=args.sampler, allow_extrapolation=args.allow_extrapolation,
-                  progress=not args.no_progress)
+                  response=args.response, progress=not args.no_progress)
     if suffix == ".parquet":
         # written pass by pass (batch_size showers): memory stays bounded by a pass however large
         # --n is; both files appear only when complete

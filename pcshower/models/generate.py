@@ -152,7 +152,7 @@ def normal_incidence_deg(geometry) -> float:
 def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0, position=None,
              particle="photon", steps: int | None = None, seed: int | None = None, device=None,
              model=None, batch_size: int | None = None, sampler: str | None = None,
-             allow_extrapolation: bool = False, progress: bool = False) -> Showers:
+             allow_extrapolation: bool = False, response="auto", progress: bool = False) -> Showers:
     """Generate showers with a trained model and (optionally) project them on a detector.
 
     Args:
@@ -177,6 +177,13 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
         sampler: one of the model objective's samplers (``"heun"``, ``"euler"``; ``"midpoint"``
             for flow matching; ``"multistep"`` for consistency models); default: the model's.
         allow_extrapolation: warn instead of failing for conditions outside the training range.
+        response: how the geometry reads the model's physics-frame deposits
+            (:func:`pcshower.geometry.response.resolve_response`): ``"auto"`` uses the stack's
+            measured Geant4 layer response when the model was taught by recorded Geant4 deposits
+            (its provenance says ``physics_energy: per-cell deposit``), else the
+            equivalent-medium sampling model; ``"sampling"`` forces the latter; a
+            :class:`~pcshower.geometry.response.LayerResponse` or a response file path forces
+            that response. The choice is recorded in ``metadata["layer_response"]``.
         progress: show a tqdm progress bar over the passes.
 
     Returns:
@@ -193,7 +200,8 @@ def generate(energy, angle, geometry: str | None = "ild", n: int = 1, *, phi=0.0
     parts = list(generate_batches(energy, angle, geometry, n, phi=phi, position=position,
                                   particle=particle, steps=steps, seed=seed, device=device,
                                   model=model, batch_size=batch_size, sampler=sampler,
-                                  allow_extrapolation=allow_extrapolation, progress=progress))
+                                  allow_extrapolation=allow_extrapolation, response=response,
+                                  progress=progress))
     showers = Showers.concat(parts) if len(parts) > 1 else parts[0]  # keeps the metadata
     showers.hits = CellHits.concat([p.hits for p in parts]) if parts[0].hits is not None else None
     return showers
@@ -228,7 +236,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
                      position=None, particle="photon", steps: int | None = None,
                      seed: int | None = None, device=None, model=None,
                      batch_size: int | None = None, sampler: str | None = None,
-                     allow_extrapolation: bool = False, progress: bool = False):
+                     allow_extrapolation: bool = False, response="auto", progress: bool = False):
     """:func:`generate`, pass by pass: yields a ``Showers`` (with its ``hits``) per pass of
     ``batch_size`` showers, so the caller can write each and drop it (``pcshower generate``
     does). Arguments as for :func:`generate`; concatenated, the passes are :func:`generate`'s
@@ -329,6 +337,12 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
             "objective": net.objective.name}
     calls = net.network_calls(meta["steps"], meta["sampler"])
     meta["network_calls"] = calls
+    layer_response = None
+    if geom is not None:
+        from pcshower.geometry.response import resolve_response
+
+        layer_response, meta["layer_response"] = resolve_response(
+            response, info.get("provenance"), geom)
 
     def passes():
         # the bar counts showers and moves with every network call of a pass (a pass of k
@@ -355,7 +369,7 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
                                                                   device=part.device))
                 part.hits = None
                 if geom is not None:  # placed and projected batch by batch: memory stays per batch
-                    part = _project(part, geom, gen)
+                    part = _project(part, geom, gen, layer_response)
                 part.metadata.update(meta)
                 yield part
         finally:
@@ -364,11 +378,12 @@ def generate_batches(energy, angle, geometry: str | None = "ild", n: int = 1, *,
     return passes()
 
 
-def _project(showers: Showers, geom, generator: torch.Generator) -> Showers:
+def _project(showers: Showers, geom, generator: torch.Generator, response=None) -> Showers:
     """Place physics-frame showers in a geometry: detector-frame points (the visible part, with
-    sampling fluctuations) plus their cell hits, consistent with each other."""
+    sampling fluctuations) plus their cell hits, consistent with each other; ``response`` as
+    for :meth:`~pcshower.geometry.Geometry.to_detector`."""
     # float32 points like the model's; the hits are projected from exactly these points
-    placed = geom.to_detector(showers, generator=generator)
+    placed = geom.to_detector(showers, generator=generator, response=response)
     detector = placed.to(dtype=showers.points.dtype)
     hits = geom.project(detector)
     # the hits count what missed the readout in placing the points too

@@ -112,9 +112,54 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=seed_arg(), default=0, help="seed of the model showers of the fit")
     t.add_argument("--steps", default="400,100", metavar="LONG,RADIAL",
                    help="optimiser steps of the longitudinal and the radial fit (400,100)")
+    t.add_argument("--response", action="store_true",
+                   help="instead of a parametrised-engine tune, measure the stack's Geant4 layer "
+                        "response (visible/deposited ratio per layer and shower age, and the "
+                        "shower-to-shower spread) from a --frame both production, for reading "
+                        "Geant4 physics-frame showers and models taught by them "
+                        "(pcshower/geometry/response.py)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_tune)
+
+
+def _tune_response(args, data, run: dict, geometry, name: str, limit) -> int:
+    """``pcshower tune --response``: measure and write a :class:`LayerResponse`."""
+    import datetime
+
+    from pcshower.geometry.response import measure_layer_response, save_response
+    from pcshower.io import iter_parquet, read_metadata
+
+    phys_dir, det_dir = data / "physics", data / "detector"
+    if not (phys_dir.is_dir() and det_dir.is_dir()):
+        raise ValueError(f"{data} has no physics/ and detector/ folders: a response is measured "
+                         "on the two frames of the same Geant4 showers (pcshower simulate "
+                         "--engine geant4 --frame both)")
+    meta = read_metadata(phys_dir)["provenance"]
+    if meta.get("engine") != "geant4" or meta.get("physics_energy") != "per-cell deposit":
+        raise ValueError(f"{phys_dir} is not a Geant4 physics frame of per-cell deposits "
+                         f"(engine {meta.get('engine')!r}, physics_energy "
+                         f"{meta.get('physics_energy')!r}); simulate it again with this pcshower")
+    if geometry is None:
+        from pcshower.geometry import load_geometry
+
+        geometry = load_geometry(name)
+    batches = [iter_parquet(d, batch_size=100, max_showers=limit) for d in (phys_dir, det_dir)]
+    response = measure_layer_response(*batches, geometry, progress=not args.no_progress)
+    response.provenance.update(
+        {k: meta.get(k) for k in ("generator", "geant4_version", "geant4_physics", "geant4_tables")
+         if k in meta},
+        data=data.name, run_seed=run.get("seed"), measured=datetime.date.today().isoformat())
+    save_response(response, args.out, overwrite=args.overwrite)
+    import torch
+
+    at_cog = response.ratio(torch.tensor([0, response.num_layers - 1]), torch.zeros(2)).tolist()
+    print(f"{args.out}: Geant4 layer response of {name} from {response.provenance['showers']} "
+          f"showers; visible/deposited at the shower's centre of gravity {at_cog[0]:.4f} (first "
+          f"layer) ... {at_cog[1]:.4f} (last); layer scatter {response.layer_var_a_mev:.3g} MeV"
+          f" / E_l + {response.layer_var_b:.3g}, shower factor {response.var_a_mev:.3g} MeV / "
+          f"E_dep + {response.var_b:.3g}")
+    return 0
 
 
 def _register_reduce(subparsers) -> None:
@@ -252,6 +297,8 @@ def _tune(args) -> int:
     limit = args.max_showers
     if limit is not None and limit < 10:
         raise ValueError(f"--max-showers must be at least 10, got {limit}")
+    if args.response:
+        return _tune_response(args, data, run, geometry, name, limit)
     det = read_parquet(det_dir)
     if det.frame != "detector":
         raise ValueError(f"{det_dir} holds {det.frame}-frame showers; a tune is fitted to the "
