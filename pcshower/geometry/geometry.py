@@ -448,12 +448,13 @@ class Geometry:
                 active, visible = to_active_layers(depth, seen, batch, self.stack,
                                                    fluctuate=fluctuate, generator=generator,
                                                    slab=slab, **kappa)
-            else:  # recorded Geant4 deposits: Geant4's layer ratio at the layer's shower age
+            else:  # recorded Geant4 deposits: Geant4's ratio per readout layer and shower age
                 active, _ = to_active_layers(depth, energy, batch, self.stack, fluctuate=False,
                                              slab=slab)
-                visible = recorded.visible(energy, active, batch, n, z, fluctuate=fluctuate,
-                                           generator=generator)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
+            if recorded is not None:
+                visible = recorded.visible(energy, layer, batch, n, z, fluctuate=fluctuate,
+                                           generator=generator)
             if tilted and self.readout.kind != "inclined":
                 du, dv, w = self._onto_sensor(local, du, dv, w, depth, active, r[2] / r[8],
                                               r[5] / r[8], module if handed_over else None,

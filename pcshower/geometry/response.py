@@ -24,7 +24,7 @@ photo-effect, which the silicon does not see: e/mip falls with depth in high-Z s
 calorimeters, e.g. Wigmans, *Calorimetry: Energy Measurement in Particle Physics*). One ratio per
 layer, applied to a shower that develops late, under-reads it, and the showers' total visible
 energy spreads half as much again as Geant4's. :class:`LayerResponse` therefore holds the mean
-ratio per active layer **and shower age**, ``rho[l][t]`` with ``tau`` = the layer's deposits'
+ratio per readout layer **and shower age**, ``rho[l][t]`` with ``tau`` = the layer's deposits'
 energy-weighted mean axial depth minus the shower's (X0), measured on the two frames of the same
 Geant4 showers (:func:`measure_layer_response`), plus a shower-to-shower factor of relative
 variance ``a / E_dep + b`` fitted so that the showers' totals keep Geant4's resolution. A
@@ -55,12 +55,12 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class LayerResponse:
-    """Geant4's visible/deposited ratio per active layer of one stack, by shower age, and its
+    """Geant4's visible/deposited ratio per readout layer of one stack, by shower age, and its
     fluctuation.
 
     Attributes:
         stack: stack name.
-        rho: ``[L][T]`` mean visible / deposited energy of active layer ``l`` when the layer lies
+        rho: ``[L][T]`` mean visible / deposited energy of readout layer ``l`` when the layer lies
             ``tau`` X0 behind its shower's centre of gravity, ``tau`` in bin ``t`` of
             ``tau_edges`` (``T = 1``: one ratio per layer whatever the age).
         tau_edges: ``T + 1`` increasing bin edges of ``tau`` (X0 along the shower axis).
@@ -110,7 +110,7 @@ class LayerResponse:
         return len(self.rho)
 
     def ratio(self, layer: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """Mean ratio of active layers ``layer`` at ages ``tau`` (X0): the table interpolated
+        """Mean ratio of readout layers ``layer`` at ages ``tau`` (X0): the table interpolated
         linearly between its bin centres, constant beyond the first and last centre."""
         table = torch.as_tensor(self.rho, dtype=torch.float64, device=tau.device)
         if table.shape[1] == 1:
@@ -123,20 +123,20 @@ class LayerResponse:
         w = (t - centres[lo]) / (centres[hi] - centres[lo])
         return table[layer, lo] * (1 - w) + table[layer, hi] * w
 
-    def visible(self, deposited: torch.Tensor, active: torch.Tensor, batch: torch.Tensor,
+    def visible(self, deposited: torch.Tensor, layer: torch.Tensor, batch: torch.Tensor,
                 num_showers: int, depth_x0: torch.Tensor | None = None, *, fluctuate: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``[P]`` visible MeV of deposits ``deposited [P]`` (MeV) in active layers ``active [P]``
+        """``[P]`` visible MeV of deposits ``deposited [P]`` (MeV) in readout layers ``layer [P]``
         (-1: none, visible 0) of showers ``batch [P]`` at axial depths ``depth_x0 [P]`` (X0; needed
         when the table has age bins): each layer of each shower is read with the ratio at its age
-        ``tau`` = its deposits' energy-weighted mean depth minus its shower's, times Gamma factors
-        of mean 1: one per shower and layer (relative variance ``layer_var_a_mev / E_l +
-        layer_var_b``, ``E_l`` the layer's deposit) and one per shower (``var_a_mev / E_dep +
-        var_b``)."""
+        ``tau`` = its deposits' energy-weighted mean depth minus its shower's, times factors of
+        mean 1: a log-normal one per shower and layer (relative variance ``layer_var_a_mev / E_l
+        + layer_var_b``, ``E_l`` the layer's deposit; the shower's total kept) and a Gamma one
+        per shower (``var_a_mev / E_dep + var_b``)."""
         n_layers = self.num_layers
         dev, dt = deposited.device, deposited.dtype
-        ok = active >= 0
-        lay = active.clamp_min(0)
+        ok = layer >= 0
+        lay = layer.clamp_min(0)
         if lay.numel() and int(lay.max()) >= n_layers:
             raise ValueError(f"the response of {self.stack} has {n_layers} layers, the stack "
                              f"{int(lay.max()) + 1}: measure it again for this stack")
@@ -293,7 +293,7 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
 
     ``physics_batches`` and ``detector_batches`` are iterables of :class:`~pcshower.data.Showers`
     batches of the same showers in the same order (a ``--frame both`` production's ``physics/``
-    and ``detector/``). Each shower's deposit per active layer is what the geometry's placement
+    and ``detector/``). Each shower's deposit per readout layer is what the geometry's placement
     puts there (ratio 1, no fluctuation), with the layer's age (its deposits' mean axial depth
     minus the shower's), and its visible energy per layer is that of its detector-frame twin on
     the same cells. ``rho[l][t]`` is the summed visible over the summed deposit of the (shower,
@@ -304,11 +304,7 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
     pairs with at least ``min_deposit_mev`` deposited."""
     from tqdm.auto import tqdm
 
-    n_layers = int(geometry.stack.num_layers)
-    if int(geometry.num_layers) != n_layers:
-        raise ValueError(f"{geometry.name} reads its {n_layers} active layers in "
-                         f"{geometry.num_layers} readout layers; a layer response is measured on "
-                         "a readout with one layer per active layer")
+    n_layers = int(geometry.num_layers)
     unit = LayerResponse(geometry.stack.name, (1.0,) * n_layers)
     edges = np.asarray(tau_edges, dtype=np.float64)
     n_bins = len(edges) - 1
@@ -322,8 +318,8 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
         placed = geometry._place(phys, None, None, False, unit)
         # the age from every deposit in the stack, the deposit from those read by a cell (as
         # the twin's visible energy is: a shower leaving the barrel's end loses both)
-        ok = placed.active >= 0
-        key = placed.batch * n_layers + placed.active.clamp_min(0)
+        ok = placed.layer >= 0
+        key = placed.batch * n_layers + placed.layer.clamp_min(0)
         dep = torch.where(ok, placed.energy, torch.zeros_like(placed.energy)).double()
         e_layer = torch.zeros(n * n_layers, dtype=torch.float64).index_add_(0, key, dep)
         age = _layer_age(dep, phys.points[:, 2], key, placed.batch, e_layer, n)
@@ -484,8 +480,8 @@ def resolve_response(spec, provenance, geometry) -> tuple[LayerResponse | None, 
     else:
         raise TypeError(f"response must be 'auto', 'sampling', None, a LayerResponse or a file "
                         f"path, got {type(spec).__name__}")
-    if response.stack != geometry.stack.name or response.num_layers != geometry.stack.num_layers:
+    if response.stack != geometry.stack.name or response.num_layers != geometry.num_layers:
         raise ValueError(f"the response was measured for the stack {response.stack!r} "
-                         f"({response.num_layers} layers), not {geometry.name}'s "
-                         f"{geometry.stack.name!r} ({geometry.stack.num_layers} layers)")
+                         f"({response.num_layers} readout layers), not {geometry.name}'s "
+                         f"{geometry.stack.name!r} ({geometry.num_layers} readout layers)")
     return response, label
