@@ -81,13 +81,13 @@ def _variant(model, name: str):
 
 
 def card_for_stack(model, model_path: str, data: Path, stack: str, max_showers: int, seed: int,
-                   report_dir: Path, batch_size: int, first: int = 0) -> dict:
+                   report_dir: Path, batch_size: int, first: int = 0, response="auto") -> dict:
     ref, path = _reference(data, stack, first, max_showers)
     pos = ref.position.double().numpy()
     t0 = time.perf_counter()
     gen = generate(ref.energy.double().numpy(), np.degrees(ref.theta.double().numpy()), stack,
                    phi=np.degrees(ref.phi.double().numpy()), position=pos, model=model, seed=seed,
-                   batch_size=batch_size, progress=True)
+                   batch_size=batch_size, response=response, progress=True)
     t_gen = time.perf_counter() - t0
     theta_bins = [math.radians(t) for t in THETA_BINS_DEG.get(stack, (0, 30, 60, 90))]
     res = evaluate(gen, ref, geometry=load_geometry(stack), out_dir=report_dir / stack,
@@ -100,7 +100,8 @@ def card_for_stack(model, model_path: str, data: Path, stack: str, max_showers: 
         "stack": stack, "reference": str(path), "reference_showers": [first, first + len(ref)],
         "n_reference": len(ref), "n_generated": len(gen),
         "model": model_path, "model_sha256": (getattr(model, "checkpoint_info", {}) or {}).get("sha256"),
-        "seed": seed, "generation_s": round(t_gen, 1),
+        "seed": seed, "layer_response": gen.metadata.get("layer_response"),
+        "generation_s": round(t_gen, 1),
         "generation_ms_per_shower": round(1e3 * t_gen / max(len(gen), 1), 2),
         "gbdt_auc": auc.get("auc"), "gbdt_auc_floor": auc.get("floor_auc"),
         "w1_ratio_median": summary.get("w1_ratio_median"),
@@ -136,6 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reports", type=Path, default=Path("eval_card"))
     ap.add_argument("--first", type=int, default=0,
                     help="skip this many validation showers (kept for choosing corrections)")
+    ap.add_argument("--response", default="auto",
+                    help="how the stack reads the model's deposits: auto (default), sampling, or a "
+                         "response file (pcshower.generate's response)")
     ap.add_argument("--variants", help="comma-separated corrections to switch off, one run each "
                     f"(of {', '.join(VARIANTS)}); results go under 'corrections' in the JSON")
     args = ap.parse_args(argv)
@@ -158,14 +162,14 @@ def main(argv=None) -> int:
             for stack in args.stacks.split(","):
                 entry = card_for_stack(_variant(model, name), model_path, args.data, stack,
                                        args.max_showers, args.seed, args.reports / name,
-                                       args.batch_size, args.first)
+                                       args.batch_size, args.first, args.response)
                 entry["variant"], entry["change"] = name, VARIANTS[name]
                 out.setdefault("corrections", {}).setdefault(stack, {})[name] = entry
                 save()
         return 0
     for stack in args.stacks.split(","):
         entry = card_for_stack(model, model_path, args.data, stack, args.max_showers, args.seed,
-                               args.reports, args.batch_size, args.first)
+                               args.reports, args.batch_size, args.first, args.response)
         out["stacks"][stack] = entry
         save()
         if args.plots:
