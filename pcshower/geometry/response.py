@@ -146,43 +146,33 @@ class LayerResponse:
         size = int(num_showers) * n_layers
         dep = torch.where(ok, deposited, torch.zeros_like(deposited)).to(torch.float64)
         e_layer = torch.zeros(size, dtype=torch.float64, device=dev).index_add_(0, key, dep)
-        cells = torch.arange(size, device=dev)
+        tau = torch.zeros(size, dtype=torch.float64, device=dev)
         if len(self.tau_edges) > 2:
             if depth_x0 is None:
                 raise ValueError("this response has shower-age bins: give the deposits' depth_x0")
             tau = _layer_age(dep, depth_x0, key, batch, e_layer, num_showers)
-            rho = self.ratio(cells % n_layers, tau)
-        else:
-            rho = self.ratio(cells % n_layers, torch.zeros(size, dtype=torch.float64, device=dev))
-        out = dep * rho.index_select(0, key)
-        if fluctuate:
+        rho = self.ratio(torch.arange(size, device=dev) % n_layers, tau)
+        if fluctuate and (self.layer_var_a_mev > 0 or self.layer_var_b > 0):
+            # log-normal (mean 1): a layer of a few MeV scatters by a factor of several both ways,
+            # which a Gamma of shape < 1 would turn into mostly empty layers
+            var = self.layer_var_a_mev / e_layer.clamp_min(1e-6) + self.layer_var_b
+            sigma2 = torch.log1p(var)
+            z = torch.randn(var.shape, generator=generator, dtype=torch.float64, device=dev)
+            g = torch.exp(z * sigma2.sqrt() - 0.5 * sigma2).view(-1, n_layers)
+            # they move energy between a shower's layers but keep its total: Geant4's layer
+            # scatter is anti-correlated with the table's expectation, whose totals already have
+            # Geant4's resolution (docs/geant4.md)
+            expected = (e_layer * rho).view(-1, n_layers)
+            g = g * (expected.sum(1) / (expected * g).sum(1).clamp_min(1e-300))[:, None]
+            rho = rho * g.reshape(-1)
+        if fluctuate and (self.var_a_mev > 0 or self.var_b > 0):
             from pcshower.physics.sampling import sample_gamma
 
-            def factor(var):  # Gamma variates of mean 1 and relative variance var
-                shape = (1.0 / var.clamp_min(1e-16)).clamp(max=1e8)
-                return sample_gamma(shape.float(), generator).double() / shape
-
-            b64 = batch.to(torch.int64)
-            if self.layer_var_a_mev > 0 or self.layer_var_b > 0:
-                # log-normal (mean 1): a layer of a few MeV scatters by a factor of several both
-                # ways, which a Gamma of shape < 1 would turn into mostly empty layers
-                var = self.layer_var_a_mev / e_layer.clamp_min(1e-6) + self.layer_var_b
-                sigma2 = torch.log1p(var)
-                z = torch.randn(var.shape, generator=generator, dtype=torch.float64, device=dev)
-                g = torch.exp(z * sigma2.sqrt() - 0.5 * sigma2)
-                # they move energy between a shower's layers but keep its total: Geant4's layer
-                # scatter is anti-correlated with the table's expectation, whose totals already
-                # have Geant4's resolution (docs/geant4.md)
-                expect = torch.zeros(size, dtype=torch.float64, device=dev).index_add_(0, key, out)
-                per = expect.view(-1, n_layers)
-                norm = per.sum(1) / (per * g.view(-1, n_layers)).sum(1).clamp_min(1e-300)
-                g = g * norm.repeat_interleave(n_layers)
-                out = out * g.index_select(0, key)
-            if self.var_a_mev > 0 or self.var_b > 0:
-                e_shower = torch.zeros(int(num_showers), dtype=torch.float64,
-                                       device=dev).index_add_(0, b64, dep)
-                var = self.var_a_mev / e_shower.clamp_min(1e-6) + self.var_b
-                out = out * factor(var).index_select(0, b64)
+            e_shower = e_layer.view(-1, n_layers).sum(1)
+            shape = (1.0 / (self.var_a_mev / e_shower.clamp_min(1e-6) + self.var_b)).clamp(max=1e8)
+            g = sample_gamma(shape.float(), generator).double() / shape
+            rho = rho * g.repeat_interleave(n_layers)
+        out = dep * rho.index_select(0, key)
         return out.to(dt)
 
     def to_record(self) -> dict:
