@@ -68,9 +68,10 @@ class LayerResponse:
             shower's layers (``E_dep`` its deposit in MeV).
         var_b: ``b`` of it.
         provenance: where it was measured (data, showers, Geant4 version, date).
-        layer_var_a_mev: ``a`` of the relative variance ``a / E_l + b`` of the factor of one
-            layer of one shower (``E_l`` the layer's deposit in MeV).
-        layer_var_b: ``b`` of it.
+        layer_var_a_mev: ``a_l`` of the relative variance ``a_l / E_l + b_l`` of the factor of
+            layer ``l`` of one shower (``E_l`` the layer's deposit in MeV), one per layer (a
+            single number: the same for every layer).
+        layer_var_b: ``b_l`` of it.
     """
 
     stack: str
@@ -79,8 +80,8 @@ class LayerResponse:
     var_a_mev: float = 0.0
     var_b: float = 0.0
     provenance: dict = field(default_factory=dict)
-    layer_var_a_mev: float = 0.0
-    layer_var_b: float = 0.0
+    layer_var_a_mev: float | tuple = 0.0
+    layer_var_b: float | tuple = 0.0
 
     def __post_init__(self):
         try:
@@ -97,11 +98,21 @@ class LayerResponse:
             raise ValueError(f"response of {self.stack}: tau_edges must be {rho.shape[1] + 1} "
                              f"increasing edges (one more than rho's age bins), got "
                              f"{self.tau_edges!r}")
-        for name in ("var_a_mev", "var_b", "layer_var_a_mev", "layer_var_b"):
+        for name in ("var_a_mev", "var_b"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"response of {self.stack}: {name} must be a finite number >= 0, "
                                  f"got {value!r}")
+        for name in ("layer_var_a_mev", "layer_var_b"):
+            value = getattr(self, name)
+            try:
+                per = np.broadcast_to(np.asarray(value, dtype=np.float64), (rho.shape[0],))
+            except (TypeError, ValueError):
+                per = np.full(1, np.nan)
+            if not (np.all(np.isfinite(per)) and np.all(per >= 0)):
+                raise ValueError(f"response of {self.stack}: {name} must be a finite number >= 0 "
+                                 f"or one per layer ({rho.shape[0]}), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in per))
         object.__setattr__(self, "rho", tuple(tuple(float(v) for v in row) for row in rho))
         object.__setattr__(self, "tau_edges", tuple(float(v) for v in edges))
 
@@ -152,10 +163,12 @@ class LayerResponse:
                 raise ValueError("this response has shower-age bins: give the deposits' depth_x0")
             tau = _layer_age(dep, depth_x0, key, batch, e_layer, num_showers)
         rho = self.ratio(torch.arange(size, device=dev) % n_layers, tau)
-        if fluctuate and (self.layer_var_a_mev > 0 or self.layer_var_b > 0):
+        if fluctuate and (max(self.layer_var_a_mev) > 0 or max(self.layer_var_b) > 0):
             # log-normal (mean 1): a layer of a few MeV scatters by a factor of several both ways,
             # which a Gamma of shape < 1 would turn into mostly empty layers
-            var = self.layer_var_a_mev / e_layer.clamp_min(1e-6) + self.layer_var_b
+            a, b = (torch.as_tensor(v, dtype=torch.float64, device=dev).repeat(int(num_showers))
+                    for v in (self.layer_var_a_mev, self.layer_var_b))
+            var = a / e_layer.clamp_min(1e-6) + b
             sigma2 = torch.log1p(var)
             z = torch.randn(var.shape, generator=generator, dtype=torch.float64, device=dev)
             g = torch.exp(z * sigma2.sqrt() - 0.5 * sigma2).view(-1, n_layers)
@@ -180,8 +193,8 @@ class LayerResponse:
                 "tau_edges": list(self.tau_edges),
                 "rho": [[float(f"{v:.5g}") for v in row] for row in self.rho],
                 "var_a_mev": float(self.var_a_mev), "var_b": float(self.var_b),
-                "layer_var_a_mev": float(self.layer_var_a_mev),
-                "layer_var_b": float(self.layer_var_b),
+                "layer_var_a_mev": [float(f"{v:.5g}") for v in self.layer_var_a_mev],
+                "layer_var_b": [float(f"{v:.5g}") for v in self.layer_var_b],
                 "provenance": dict(self.provenance)}
 
 
@@ -222,8 +235,7 @@ def load_response(path) -> LayerResponse:
         return LayerResponse(str(record["stack"]), record["rho"],
                              record.get("tau_edges", (-1e3, 1e3)), float(record["var_a_mev"]),
                              float(record["var_b"]), dict(record.get("provenance") or {}),
-                             float(record.get("layer_var_a_mev", 0.0)),
-                             float(record.get("layer_var_b", 0.0)))
+                             record.get("layer_var_a_mev", 0.0), record.get("layer_var_b", 0.0))
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: missing or malformed entry ({err})") from None
 
@@ -352,8 +364,15 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
     expected = dep * read * closure[None, :]
     # the layer factor: the scatter of each (shower, layer)'s ratio about the table; the shower
     # factor: whatever of Geant4's resolution the table and the layer factors leave
+    # per layer: the all-layer form a / E_l + b times a factor k_l fitted on the layer's own
+    # pairs. At the same deposit the scatter differs ~10x between ILD's first and last layers
+    # (docs/geant4.md); one factor a layer keeps the fit stable on a narrow range of E_l.
     sel = (dep >= min_deposit_mev) & (expected > 0)
-    la, lb = _fit_pair_variance(dep[sel], vis[sel] / expected[sel])
+    ratio = np.divide(vis, expected, out=np.zeros_like(vis), where=sel)
+    a_all, b_all = _fit_pair_variance(dep[sel], ratio[sel])
+    scale = [_layer_scale(dep[sel[:, l], l], ratio[sel[:, l], l], a_all, b_all)
+             for l in range(n_layers)]
+    la, lb = tuple(k * a_all for k in scale), tuple(k * b_all for k in scale)
     a, b = _fit_shower_variance(dep, expected, vis.sum(1), np.concatenate(energies),
                                 np.concatenate(thetas))
     return LayerResponse(geometry.stack.name, table, edges, a, b,
@@ -365,8 +384,8 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
 
 def _fit_pair_variance(deposit: np.ndarray, ratio: np.ndarray, bins: int = 20) -> tuple[float, float]:
     """``(a, b) >= 0`` of ``var(ratio) = a / deposit + b`` for the (shower, layer) ratios about
-    the table: least squares on the ratio's variance in quantile bins of the deposit, with the
-    bin's mean of ``1 / deposit`` as regressor."""
+    the table: least squares on the ratio's (robust, :func:`_robust_var`) variance in quantile
+    bins of the deposit, with the bin's mean of ``1 / deposit`` as regressor."""
     if ratio.size < 4 * bins:
         raise ValueError(f"{ratio.size} (shower, layer) pairs are too few to fit the fluctuation")
     edges = np.quantile(deposit, np.linspace(0, 1, bins + 1))
@@ -375,8 +394,37 @@ def _fit_pair_variance(deposit: np.ndarray, ratio: np.ndarray, bins: int = 20) -
         m = (deposit >= lo) & (deposit <= hi)
         if m.sum() > 10:
             x.append(np.mean(1.0 / deposit[m]))
-            y.append(np.var(ratio[m], ddof=1))
+            y.append(_robust_var(ratio[m]))
     return _nonnegative_line(np.asarray(x), np.asarray(y))
+
+
+def _layer_scale(deposit: np.ndarray, ratio: np.ndarray, a: float, b: float,
+                 bins: int = 10) -> float:
+    """Least-squares ``k >= 0`` of ``var(ratio) = k (a / deposit + b)`` on one layer's pairs
+    (quantile bins of the deposit); 1 with fewer than 100 pairs."""
+    if ratio.size < 100 or (a <= 0 and b <= 0):
+        return 1.0
+    edges = np.quantile(deposit, np.linspace(0, 1, bins + 1))
+    x, y = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (deposit >= lo) & (deposit <= hi)
+        if m.sum() > 10:
+            x.append(a * np.mean(1.0 / deposit[m]) + b)
+            y.append(_robust_var(ratio[m]))
+    x, y = np.asarray(x), np.asarray(y)
+    return float(max(np.sum(x * y) / np.sum(x * x), 0.0)) if np.sum(x * x) > 0 else 1.0
+
+
+def _robust_var(ratio: np.ndarray) -> float:
+    """Relative variance of the log-normal whose log has the interquartile range of
+    ``log(ratio)`` (``sigma = IQR / 1.349``): the bulk of the scatter, not a few outliers (ILD's
+    last layers have rare ratios 20x their mean, which a plain variance turns into a far too
+    broad factor for every shower)."""
+    with np.errstate(divide="ignore"):
+        q1, q3 = np.quantile(np.log(ratio), [0.25, 0.75])
+    if not (np.isfinite(q1) and np.isfinite(q3)):
+        return float(np.var(ratio, ddof=1))
+    return float(np.expm1(((q3 - q1) / 1.349) ** 2))
 
 
 def _nonnegative_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -156,9 +156,9 @@ def _tune_response(args, data, run: dict, geometry, name: str, limit) -> int:
     at_cog = response.ratio(torch.tensor([0, response.num_layers - 1]), torch.zeros(2)).tolist()
     print(f"{args.out}: Geant4 layer response of {name} from {response.provenance['showers']} "
           f"showers; visible/deposited at the shower's centre of gravity {at_cog[0]:.4f} (first "
-          f"layer) ... {at_cog[1]:.4f} (last); layer scatter {response.layer_var_a_mev:.3g} MeV"
-          f" / E_l + {response.layer_var_b:.3g}, shower factor {response.var_a_mev:.3g} MeV / "
-          f"E_dep + {response.var_b:.3g}")
+          f"layer) ... {at_cog[1]:.4f} (last); layer scatter a_l {min(response.layer_var_a_mev):.3g}"
+          f"-{max(response.layer_var_a_mev):.3g} MeV; shower factor {response.var_a_mev:.3g} MeV"
+          f" / E_dep + {response.var_b:.3g}")
     return 0
 
 
