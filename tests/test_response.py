@@ -150,6 +150,8 @@ def test_a_known_response_is_measured_back_from_the_two_frames():
                                200.0 / e_dep + 0.002, rtol=0.35)
     with pytest.raises(ValueError, match="not the same showers"):
         measure_layer_response(phys[:1], [ild.to_detector(physics_showers(n=59))], ild)
+    with pytest.raises(ValueError, match="different numbers of showers"):
+        measure_layer_response(phys, det[:2], ild)
 
 
 def test_a_ratio_that_changes_with_shower_age_is_measured_back_and_applied_per_layer():

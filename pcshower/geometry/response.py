@@ -301,9 +301,12 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
     the same cells. ``rho[l][t]`` is the summed visible over the summed deposit of the (shower,
     layer) pairs of layer ``l`` in age bin ``t``; a bin with less than ``min_bin_mev`` deposited
     in all, or fewer than ``min_bin_pairs`` pairs, takes the value interpolated from its layer's
-    filled bins (the nearest at the ends).
-    The relative variance of a pair's ratio about the table is fitted as ``a / E_l + b`` on
-    pairs with at least ``min_deposit_mev`` deposited."""
+    filled bins (the nearest at the ends). The layer factors' relative variance ``a_l / E_l +
+    b_l`` is fitted on the (robust) scatter of the pairs' ratios about the table, pairs with at
+    least ``min_deposit_mev`` deposited; the shower factor on what is left of Geant4's resolution
+    (:func:`_fit_shower_variance`)."""
+    from itertools import zip_longest
+
     from tqdm.auto import tqdm
 
     n_layers = int(geometry.num_layers)
@@ -312,7 +315,10 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
     n_bins = len(edges) - 1
     deps, ages, viss, energies, thetas = [], [], [], [], []
     bar = tqdm(desc="response", unit="shower", disable=not progress)
-    for phys, det in zip(physics_batches, detector_batches):
+    for phys, det in zip_longest(physics_batches, detector_batches):
+        if phys is None or det is None:
+            raise ValueError("the physics- and detector-frame data sets hold different numbers of "
+                             "showers: give the two frames of one production")
         if len(phys) != len(det) or not torch.allclose(phys.energy.double(), det.energy.double()):
             raise ValueError("the physics- and detector-frame batches are not the same showers "
                              "(energies differ): give the two frames of one production")
