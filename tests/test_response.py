@@ -273,3 +273,18 @@ def test_the_layer_scatter_is_fitted_per_layer_and_robust_to_rare_outliers():
     assert r.layer_var_a_mev == (50.0, 0.0)
     with pytest.raises(ValueError, match="one per layer"):
         LayerResponse("x", (0.02, 0.02), layer_var_a_mev=(1.0, 2.0, 3.0))
+
+
+def test_evaluate_reads_geant4_physics_frame_files_with_the_stacks_response():
+    from pcshower.evaluate import sample_from_showers
+
+    ild = load_geometry("ild")
+    phys = physics_showers(n=20, seed=9)
+    plain = sample_from_showers(phys, name="x", geometry=ild, progress=False)
+    assert plain.settings["layer_response"] == "equivalent-medium sampling model"
+    phys.metadata.update({"engine": "geant4", "physics_energy": "per-cell deposit"})
+    recorded = sample_from_showers(phys, name="x", geometry=ild, progress=False)
+    assert recorded.settings["layer_response"] == "Geant4 layer response shipped for ild"
+    # the recorded reading keeps the hits the sampling model's second fluctuation would lose
+    assert (float(recorded.observables.scalars["num_hits"].mean())
+            > float(plain.observables.scalars["num_hits"].mean()))
