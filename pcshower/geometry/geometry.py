@@ -443,16 +443,12 @@ class Geometry:
             slab = None  # the sampling depth is no longer the depth along the shower's face normal
         if physics:
             # depths outside the stack fall in no sampling cell (layer -1)
-            if recorded is None:
-                seen = energy if response is None else energy * response
-                active, visible = to_active_layers(depth, seen, batch, self.stack,
-                                                   fluctuate=fluctuate, generator=generator,
-                                                   slab=slab, **kappa)
-            else:  # recorded Geant4 deposits: Geant4's ratio per readout layer and shower age
-                active, _ = to_active_layers(depth, energy, batch, self.stack, fluctuate=False,
-                                             slab=slab)
+            seen = energy if response is None else energy * response
+            active, visible = to_active_layers(depth, seen, batch, self.stack,
+                                               fluctuate=fluctuate and recorded is None,
+                                               generator=generator, slab=slab, **kappa)
             layer = self._layer_of_active.to(dev).index_select(0, active + 1)
-            if recorded is not None:
+            if recorded is not None:  # recorded Geant4 deposits: Geant4's ratio per layer and age
                 visible = recorded.visible(energy, layer, batch, n, z, fluctuate=fluctuate,
                                            generator=generator)
             if tilted and self.readout.kind != "inclined":

@@ -38,6 +38,7 @@ shower files whose provenance says ``physics_energy: per-cell deposit``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,9 +258,15 @@ def save_response(response: LayerResponse, path, *, overwrite: bool = False) -> 
 
 
 def shipped_response(stack_name: str) -> LayerResponse | None:
-    """The response pcshower ships for ``stack_name``, or None."""
+    """The response pcshower ships for ``stack_name``, or None (read once per file version: the
+    generation passes of a fast-simulation run and the batches of an evaluation all ask)."""
     path = RESPONSES_DIR / f"{stack_name}.yaml"
-    return load_response(path) if path.is_file() else None
+    return _load_cached(path, path.stat().st_mtime_ns) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: Path, mtime_ns: int) -> LayerResponse:
+    return load_response(path)
 
 
 def response_for_provenance(info) -> bool:
@@ -388,12 +395,9 @@ def measure_layer_response(physics_batches, detector_batches, geometry, *,
                          la, lb)
 
 
-def _fit_pair_variance(deposit: np.ndarray, ratio: np.ndarray, bins: int = 20) -> tuple[float, float]:
-    """``(a, b) >= 0`` of ``var(ratio) = a / deposit + b`` for the (shower, layer) ratios about
-    the table: least squares on the ratio's (robust, :func:`_robust_var`) variance in quantile
-    bins of the deposit, with the bin's mean of ``1 / deposit`` as regressor."""
-    if ratio.size < 4 * bins:
-        raise ValueError(f"{ratio.size} (shower, layer) pairs are too few to fit the fluctuation")
+def _binned_scatter(deposit: np.ndarray, ratio: np.ndarray, bins: int):
+    """``(mean 1 / deposit, robust variance of ratio)`` per quantile bin of the deposit (bins of
+    more than 10 pairs): the points the variance fits below are made of."""
     edges = np.quantile(deposit, np.linspace(0, 1, bins + 1))
     x, y = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -401,7 +405,16 @@ def _fit_pair_variance(deposit: np.ndarray, ratio: np.ndarray, bins: int = 20) -
         if m.sum() > 10:
             x.append(np.mean(1.0 / deposit[m]))
             y.append(_robust_var(ratio[m]))
-    return _nonnegative_line(np.asarray(x), np.asarray(y))
+    return np.asarray(x), np.asarray(y)
+
+
+def _fit_pair_variance(deposit: np.ndarray, ratio: np.ndarray, bins: int = 20) -> tuple[float, float]:
+    """``(a, b) >= 0`` of ``var(ratio) = a / deposit + b`` for the (shower, layer) ratios about
+    the table: least squares on the ratio's (robust, :func:`_robust_var`) variance in quantile
+    bins of the deposit, with the bin's mean of ``1 / deposit`` as regressor."""
+    if ratio.size < 4 * bins:
+        raise ValueError(f"{ratio.size} (shower, layer) pairs are too few to fit the fluctuation")
+    return _nonnegative_line(*_binned_scatter(deposit, ratio, bins))
 
 
 def _layer_scale(deposit: np.ndarray, ratio: np.ndarray, a: float, b: float,
@@ -410,14 +423,8 @@ def _layer_scale(deposit: np.ndarray, ratio: np.ndarray, a: float, b: float,
     (quantile bins of the deposit); 1 with fewer than 100 pairs."""
     if ratio.size < 100 or (a <= 0 and b <= 0):
         return 1.0
-    edges = np.quantile(deposit, np.linspace(0, 1, bins + 1))
-    x, y = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (deposit >= lo) & (deposit <= hi)
-        if m.sum() > 10:
-            x.append(a * np.mean(1.0 / deposit[m]) + b)
-            y.append(_robust_var(ratio[m]))
-    x, y = np.asarray(x), np.asarray(y)
+    inv, y = _binned_scatter(deposit, ratio, bins)
+    x = a * inv + b
     return float(max(np.sum(x * y) / np.sum(x * x), 0.0)) if np.sum(x * x) > 0 else 1.0
 
 
