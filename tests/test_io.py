@@ -300,3 +300,98 @@ def test_arrow_columns_from_numpy_keep_values_of_any_byte_order():
     for dtype in (">i4", "<i8"):
         assert _arrow(np.array([1, 2, -3], dtype=dtype)).to_pylist() == [1, 2, -3]
     assert _arrow(np.array([True, False])).to_pylist() == [True, False]
+
+
+def test_flat_layout_roundtrip_streams_and_reads_without_pcshower(tmp_path):
+    """The flat layout holds the same showers: bit-exact, by row group, in shard directories
+    (whose points tables are not shards), and as two plain tables pandas can join."""
+    import pandas as pd
+
+    s = make_showers(n=23, extra_features=("time",), frame="physics")
+    path = io.write_parquet(tmp_path / "shard-00000.parquet", s, row_group_size=5, layout="flat",
+                            metadata={"seed": 3})
+    assert io.points_path(path).name == "shard-00000.points.parquet" and io.points_path(path).exists()
+    back = io.read_parquet(path)
+    assert_same(back, s)
+    assert back.feature_names == s.feature_names and back.metadata["seed"] == 3
+    assert [len(b) for b in io.iter_parquet(tmp_path, batch_size=10)] == [10, 10, 3]
+    assert_same(Showers.concat(list(io.iter_parquet(tmp_path, batch_size=7))), s)
+    assert io.list_shards(tmp_path) == [path] and io.count_showers(tmp_path) == 23
+    meta = io.read_metadata(path)
+    assert meta["layout"] == "flat" and meta["num_showers"] == 23
+    # the streaming training data reads the same units
+    from pcshower.data.stream import dataset_units, read_unit
+    units = dataset_units(tmp_path)
+    assert [u.rows for u in units] == [5, 5, 5, 5, 3]
+    assert_same(read_unit(units[2]), s[10:15])
+    # without pcshower: one row per shower, one row per point, joined by 'shower'
+    rows = pd.read_parquet(path)
+    points = pd.read_parquet(io.points_path(path))
+    assert not any(pa.types.is_list(f.type) for f in pq.read_schema(path))
+    np.testing.assert_array_equal(rows["n_points"].to_numpy(), s.num_points.numpy())
+    np.testing.assert_array_equal(points["shower"].to_numpy(),
+                                  np.repeat(np.arange(23), s.num_points.numpy()))
+    np.testing.assert_array_equal(points["time"].to_numpy(), s.points[:, 4].numpy())
+    np.testing.assert_array_equal(rows["energy"].to_numpy(), s.energy.numpy())
+
+
+def test_flat_layout_damaged_pairs_are_errors(tmp_path, showers):
+    path = io.write_parquet(tmp_path / "a.parquet", showers, layout="flat")
+    points = io.points_path(path)
+    with pytest.raises(ValueError, match="points table of a flat-layout file: read .*a.parquet"):
+        io.read_parquet(points)
+    # a points table from another write of the same name
+    other = io.write_parquet(tmp_path / "b.parquet", showers, layout="flat")
+    saved = points.read_bytes()
+    points.write_bytes(io.points_path(other).read_bytes())
+    with pytest.raises(ValueError, match="a.points.parquet: is not the points table written with"):
+        io.read_parquet(path)
+    points.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="a.points.parquet: not a readable Parquet file"):
+        io.read_parquet(path)
+    points.unlink()
+    with pytest.raises(ValueError, match="its points table a.points.parquet is missing"):
+        io.read_parquet(path)
+    with pytest.raises(ValueError, match="unknown Parquet layout 'columns'"):
+        io.write_parquet(tmp_path / "c.parquet", showers, layout="columns")
+    with pytest.raises(ValueError, match="flat layout is for showers files"):
+        io.ParquetBatchWriter(tmp_path / "h.parquet", "hits", layout="flat")
+
+
+def test_flat_layout_bad_values_named_and_failed_writes_leave_nothing(tmp_path, showers,
+                                                                      monkeypatch):
+    """Point values are checked column-wise on reading; a bad one is named as for the list
+    layout. A writer that fails leaves neither file of the pair."""
+    path = io.write_parquet(tmp_path / "a.parquet", showers, layout="flat")
+    table = pq.read_table(io.points_path(path))
+    e = table.column("e").to_numpy().copy()
+    e[5] = -1.0
+    bad = table.set_column(table.schema.get_field_index("e"), "e", pa.array(e))
+    pq.write_table(bad, io.points_path(path))
+    with pytest.raises(ValueError, match=r"a.parquet: shower \d+: negative energy -1 in point "
+                                         r"feature 'e' \(point 5\)"):
+        io.read_parquet(path)
+    with io.ParquetBatchWriter(tmp_path / "w.parquet", layout="flat") as writer:
+        writer.write(showers[:7])
+        writer.write(showers[7:])
+    assert_same(io.read_parquet(tmp_path / "w.parquet"), showers)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with io.ParquetBatchWriter(tmp_path / "x.parquet", layout="flat") as writer:
+            writer.write(showers)
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "a.points.parquet",
+                                                          "w.parquet", "w.points.parquet"]
+
+
+def test_cli_convert_to_flat_layout(tmp_path, showers, capsys):
+    src = io.write_parquet(tmp_path / "s.parquet", showers)
+    assert main(["convert", str(src), str(tmp_path / "f.parquet"), "--layout", "flat",
+                 "--compression", "lz4"]) == 0
+    assert_same(io.read_parquet(tmp_path / "f.parquet"), showers)
+    assert pq.ParquetFile(tmp_path / "f.points.parquet").metadata.row_group(0).column(1) \
+        .compression == "LZ4"
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "f.parquet"), "--json"]) == 0
+    assert "flat layout" in json.loads(capsys.readouterr().out)["format"]
+    with pytest.raises(SystemExit, match="Parquet output only"):
+        main(["convert", str(src), str(tmp_path / "f.h5"), "--layout", "flat"])

@@ -130,6 +130,11 @@ class Showers:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        self._validate_structure()
+        self._validate_point_values()
+
+    def _validate_structure(self) -> None:
+        """Shapes, offsets and conditions; not the point values (see _validate_point_values)."""
         p, ptr = self.points, self.ptr
         if p.ndim != 2:
             raise ValueError(f"points must be 2-D [P, F], got shape {tuple(p.shape)}")
@@ -152,6 +157,11 @@ class Showers:
                              f"ptr[{i + 1}] = {ptr[i + 1].item()})")
         if ptr[-1].item() != p.shape[0]:
             raise ValueError(f"ptr ends at {ptr[-1].item()} but there are {p.shape[0]} points")
+        self._validate_conditions()
+
+    def _validate_point_values(self) -> None:
+        """No NaN or infinite point feature, no negative point energy."""
+        p = self.points
         # cheap reductions first (no [P, F] temporaries); the exact search only on failure
         if p.numel() and not torch.isfinite(p.sum(dim=0)).all() and (bad := ~torch.isfinite(p)).any():
             row, col = (int(v) for v in torch.nonzero(bad)[0])
@@ -163,6 +173,8 @@ class Showers:
             row = int(torch.nonzero(neg)[0])
             raise ValueError(f"shower {self._shower_of(row)}: negative energy "
                              f"{p[row, 3].item():g} in point feature 'e' (point {row})")
+
+    def _validate_conditions(self) -> None:
         for name in ("energy", "theta", "phi", "position"):
             value = getattr(self, name)
             bad = ~torch.isfinite(value)

@@ -58,12 +58,12 @@ def read_unit(unit: Unit) -> Showers:
     """The showers of one row group."""
     from pathlib import Path
 
-    from pcshower.io.parquet import _check_metadata, _open, _read_table, _table_to_showers
+    from pcshower.io.parquet import _check_metadata, _open, read_showers_table
 
     path = Path(unit.path)
     pf = _open(path)
     meta = _check_metadata(path, pf.schema_arrow, "showers")
-    return _table_to_showers(path, _read_table(path, pf, [unit.row_group]), meta)
+    return read_showers_table(path, pf, meta, [unit.row_group])
 
 
 class ShowerStream(torch.utils.data.IterableDataset):

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from pcshower.io.hdf5 import (hdf5_kind, read_calochallenge, read_caloclouds, write_calochallenge,
                               write_caloclouds)
-from pcshower.io.parquet import (FORMAT_VERSION, ParquetBatchWriter, count_showers, iter_parquet,
-                                 list_shards, read_hits_parquet, read_metadata, read_parquet,
-                                 shard_name, write_hits_parquet, write_parquet)
+from pcshower.io.parquet import (FORMAT_VERSION, LAYOUTS, ParquetBatchWriter, count_showers,
+                                 iter_parquet, list_shards, points_path, read_hits_parquet,
+                                 read_metadata, read_parquet, shard_name, write_hits_parquet,
+                                 write_parquet)
 
 __all__ = [
     "FORMAT_VERSION", "write_parquet", "read_parquet", "iter_parquet", "read_metadata",
-    "ParquetBatchWriter",
+    "ParquetBatchWriter", "LAYOUTS", "points_path",
     "list_shards", "shard_name", "count_showers", "write_hits_parquet", "read_hits_parquet",
     "write_calochallenge", "read_calochallenge", "write_caloclouds", "read_caloclouds",
     "hdf5_kind", "read_showers", "write_showers", "HDF5_SUFFIXES",

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
                    help="replace an existing output file (without it, it is kept)")
     c.add_argument("--energy-scale", type=float, default=1.0,
                    help="multiply point energies when reading HDF5 (1000 for CaloClouds' GeV files)")
+    c.add_argument("--layout", choices=("list", "flat"), default="list",
+                   help="Parquet output: one row per shower with point lists (default), or 'flat': "
+                        "a showers table plus OUT.points.parquet with one row per point, faster to "
+                        "read (docs/formats.md)")
+    c.add_argument("--compression", default="zstd", choices=("zstd", "lz4", "snappy", "none"),
+                   help="Parquet compression (default zstd; lz4 or none read faster)")
     c.set_defaults(func=_convert)
 
 
@@ -59,6 +65,8 @@ def describe(path: str) -> dict:
         if meta.get("kind") == "hits":
             return _describe_hits(path, meta)
         showers, fmt = io.read_parquet(path), f"pcshower Parquet {meta.get('format_version')}"
+        if meta.get("layout", "list") != "list":
+            fmt += f" ({meta['layout']} layout, points in {meta.get('points_file')})"
     counts = showers.num_points.numpy()
     arrays = showers.to_numpy()
     particles = sorted({particle_name(c) for c in np.unique(arrays["particle"])})
@@ -129,6 +137,11 @@ def _convert(args) -> int:
         showers = io.read_caloclouds(args.input, energy_scale=args.energy_scale)
     else:
         showers = io.read_parquet(args.input)
-    out = io.write_showers(args.output, showers)
+    options = {}
+    if not io.is_hdf5(args.output):
+        options = {"layout": args.layout, "compression": args.compression}
+    elif args.layout != "list" or args.compression != "zstd":
+        raise SystemExit("--layout and --compression apply to Parquet output only")
+    out = io.write_showers(args.output, showers, **options)
     print(f"wrote {len(showers)} showers ({showers.total_points} points) to {out}")
     return 0

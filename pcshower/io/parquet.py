@@ -10,6 +10,16 @@ Layout of a showers file (one row per shower):
   ``provenance`` (generator, pcshower version, seed, …).
 
 Plain ``pyarrow.parquet``, pandas, polars and DuckDB read these files without pcshower.
+
+The **flat layout** (``layout="flat"``), for reading speed, splits a showers file in two:
+``NAME.parquet`` keeps one row per shower (the conditions and ``n_points``, no list columns)
+and ``NAME.points.parquet`` holds one row per point (``shower``, the shower's row in
+``NAME.parquet``, then the point features as plain ``float32`` columns), with row group ``g``
+of the points holding exactly the points of row group ``g`` of the showers. Plain columns are
+decoded without Parquet's per-value repetition levels, which is what limits ``list<float>``
+reading (docs/benchmarks.md, "Parquet"). The points file is written first and the showers file
+last, so the showers file appearing is what commits the pair; both carry the same ``pair``
+token, checked on reading.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +53,9 @@ __all__ = [
     "list_shards",
     "shard_name",
     "count_showers",
+    "LAYOUTS",
+    "points_path",
+    "read_showers_table",
 ]
 
 FORMAT_NAME = "pcshower"
@@ -51,6 +65,23 @@ _META_KEY = b"pcshower"
 _POSITION_COLUMNS = ("position_x", "position_y", "position_z")
 #: Default showers per row group: the unit of streaming reads.
 ROW_GROUP_SHOWERS = 2048
+#: Layouts of a showers file: point lists in the shower rows, or a separate flat points table.
+LAYOUTS = ("list", "flat")
+#: Suffix of the points table of a flat-layout file (``NAME.parquet`` -> ``NAME.points.parquet``).
+POINTS_SUFFIX = ".points.parquet"
+
+
+def points_path(path: str | os.PathLike) -> Path:
+    """The points table that belongs to the flat-layout showers file ``path``."""
+    path = Path(path)
+    stem = path.name[:-len(".parquet")] if path.name.endswith(".parquet") else path.name
+    return path.with_name(stem + POINTS_SUFFIX)
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown Parquet layout {layout!r}; choose one of {LAYOUTS}")
+    return layout
 
 
 def shard_name(index: int) -> str:
@@ -64,7 +95,8 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.glob("*.parquet")
-                       if TMP_MARKER not in p.name and not p.name.startswith("."))
+                       if TMP_MARKER not in p.name and not p.name.startswith(".")
+                       and not p.name.endswith(POINTS_SUFFIX))
         if not files:
             frames = [f for f in ("physics", "detector") if (path / f).is_dir()]
             if frames:
@@ -74,6 +106,9 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
         return files
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.name.endswith(POINTS_SUFFIX):
+        main = path.with_name(path.name[:-len(POINTS_SUFFIX)] + ".parquet")
+        raise ValueError(f"{path} is the points table of a flat-layout file: read {main}")
     return [path]
 
 
@@ -127,8 +162,11 @@ def _condition_columns(conditions: dict[str, np.ndarray]) -> dict[str, pa.Array]
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """Columns to dictionary-encode: never pays for the continuous per-point lists and costs
-    write time; it still serves the repetitive scalar conditions (particle, fixed angles)."""
+    """Columns to dictionary-encode: never pays for the continuous per-point values and costs
+    write time; it still serves the repetitive scalar conditions (particle, fixed angles) and
+    the flat layout's ``shower`` column (runs of one value per shower)."""
+    if b'"kind": "points"' in (schema.metadata or {}).get(_META_KEY, b""):
+        return ["shower"]
     return [f.name for f in schema if not pa.types.is_list(f.type)]
 
 
@@ -141,15 +179,35 @@ def _write_table(path, table: pa.Table, row_group_size: int, compression: str) -
 
 
 def write_parquet(path: str | os.PathLike, showers: Showers, *, metadata: dict | None = None,
-                  row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd") -> Path:
+                  row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd",
+                  layout: str = "list") -> Path:
     """Write ``showers`` to one Parquet file, atomically (temp file + rename).
 
     Args:
         metadata: provenance to record (``generator``, ``seed``, …); merged over
             ``showers.metadata``. The pcshower version is added automatically.
         row_group_size: showers per row group, the unit of :func:`iter_parquet`.
+        layout: ``"list"`` (one row per shower, point lists) or ``"flat"`` (a showers table
+            plus ``NAME.points.parquet`` with one row per point; faster to read, see the module
+            docstring). ``compression="lz4"`` or ``"none"`` reads faster still than zstd.
     """
+    if _check_layout(layout) == "flat":
+        with ParquetBatchWriter(path, "showers", metadata=metadata, row_group_size=row_group_size,
+                                compression=compression, layout="flat") as writer:
+            writer.write(showers)
+        return Path(path)
     return _write_table(path, _showers_table(showers, metadata), row_group_size, compression)
+
+
+def _showers_meta(showers: Showers, metadata: dict | None) -> dict:
+    meta = _base_metadata("showers", showers.frame, showers.geometry,
+                          {**showers.metadata, **(metadata or {})})
+    meta["feature_names"] = list(showers.feature_names)
+    return meta
+
+
+def _with_meta(columns: dict, meta: dict) -> pa.Table:
+    return pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
 
 def _showers_table(showers: Showers, metadata: dict | None) -> pa.Table:
@@ -158,10 +216,28 @@ def _showers_table(showers: Showers, metadata: dict | None) -> pa.Table:
     columns = {name: _list_column(np.ascontiguousarray(arrays["points"][:, k]), ptr)
                for k, name in enumerate(showers.feature_names)}
     columns.update(_condition_columns(arrays))
-    meta = _base_metadata("showers", showers.frame, showers.geometry,
-                          {**showers.metadata, **(metadata or {})})
-    meta["feature_names"] = list(showers.feature_names)
-    return pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    return _with_meta(columns, _showers_meta(showers, metadata))
+
+
+def _flat_tables(showers: Showers, metadata: dict | None, first_row: int, pair: str,
+                 points_file: str) -> tuple[pa.Table, pa.Table]:
+    """The showers table and the points table of a flat-layout batch whose first shower is row
+    ``first_row`` of the file."""
+    arrays = showers.to_numpy()
+    counts = np.diff(arrays["ptr"])
+    if len(counts) and counts.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"a shower of {counts.max()} points exceeds the flat layout's int32 counts")
+    rows = {"n_points": _arrow(counts.astype(np.int32))}
+    rows.update(_condition_columns(arrays))
+    meta = _showers_meta(showers, metadata)
+    meta.update(layout="flat", points_file=points_file, pair=pair)
+    shower = np.repeat(np.arange(first_row, first_row + len(counts), dtype=np.int32), counts)
+    points = {"shower": _arrow(shower)}
+    points.update({name: _arrow(np.ascontiguousarray(arrays["points"][:, k]))
+                   for k, name in enumerate(showers.feature_names)})
+    points_meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "points",
+                   "pair": pair, "feature_names": list(showers.feature_names)}
+    return _with_meta(rows, meta), _with_meta(points, points_meta)
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -247,16 +323,42 @@ def _table_to_showers(path: Path, table: pa.Table, meta: dict) -> Showers:
             raise ValueError(f"{path}: column {name!r} has a different number of points per "
                              "shower than column 'x'")
         feats.append(values)
-    points = np.empty((len(feats[0]), len(names)), dtype=np.float32)
-    for k, values in enumerate(feats):
-        points[:, k] = values
+    return _build_showers(path, names, [feats], ptr, table, meta)
+
+
+def _build_showers(path: Path, names: tuple[str, ...], parts, ptr: np.ndarray, table: pa.Table,
+                   meta: dict) -> Showers:
+    """``Showers`` from point columns (``parts``: per row group, one 1-D array per feature),
+    offsets and the conditions table. The point values are checked on the contiguous columns
+    (one pass each, no strided reads of ``[P, F]``); Showers' own check, which names the culprit,
+    runs only when they fail."""
+    points = torch.empty((int(ptr[-1]), len(names)), dtype=torch.float32)
+    start, values_ok = 0, True
+    for arrays in parts:
+        with warnings.catch_warnings():  # Arrow's buffers are read-only; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            columns = [torch.from_numpy(np.asarray(a)) for a in arrays]
+        values_ok = values_ok and bool(torch.isfinite(torch.stack([c.sum() for c in columns])).all())
+        if len(columns[3]):
+            values_ok = values_ok and columns[3].min().item() >= 0
+        stop = start + len(columns[0])
+        if stop > len(points):
+            raise ValueError(f"{path}: more point values than the offsets count ({len(points)})")
+        torch.stack(columns, dim=1, out=points[start:stop])
+        start = stop
+    if start != len(points):
+        raise ValueError(f"{path}: {start} point values where the offsets count {len(points)}")
     try:
-        return Showers(points=torch.from_numpy(points), ptr=torch.from_numpy(ptr),
-                       **_conditions(table), feature_names=names,
-                       frame=meta.get("frame", PHYSICS_FRAME), geometry=meta.get("geometry"),
-                       metadata=dict(meta.get("provenance", {})))
+        showers = Showers(points=points, ptr=torch.from_numpy(ptr), **_conditions(table),
+                          feature_names=names, frame=meta.get("frame", PHYSICS_FRAME),
+                          geometry=meta.get("geometry"), metadata=dict(meta.get("provenance", {})),
+                          validate=False)
+        showers._validate_structure()
+        if not values_ok:
+            showers._validate_point_values()
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    return showers
 
 
 def _conditions(table: pa.Table) -> dict[str, torch.Tensor]:
@@ -265,13 +367,66 @@ def _conditions(table: pa.Table) -> dict[str, torch.Tensor]:
     return cond
 
 
-def _read_table(path: Path, pf: pq.ParquetFile, row_groups=None) -> pa.Table:
+def _read_table(path: Path, pf: pq.ParquetFile, row_groups=None, columns=None) -> pa.Table:
     try:
         if row_groups is None:
-            return pf.read()
-        return pf.read_row_groups(row_groups)
+            return pf.read(columns=columns)
+        return pf.read_row_groups(row_groups, columns=columns)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         raise ValueError(f"{path}: cannot read data (truncated or corrupt?): {err}") from None
+
+
+def read_showers_table(path: Path, pf: pq.ParquetFile, meta: dict, row_groups=None) -> Showers:
+    """The showers of ``row_groups`` (all when ``None``) of one file, either layout."""
+    table = _read_table(path, pf, row_groups)
+    if meta.get("layout", "list") == "list":
+        return _table_to_showers(path, table, meta)
+    return _flat_to_showers(path, pf, table, meta, row_groups)
+
+
+def _open_points(path: Path, pf: pq.ParquetFile, meta: dict) -> tuple[Path, pq.ParquetFile]:
+    ppath = path.with_name(str(meta.get("points_file") or points_path(path).name))
+    if not ppath.exists():
+        raise ValueError(f"{path}: its points table {ppath.name} is missing (the flat layout keeps "
+                         "the points beside the showers file); copy both files, or rewrite them")
+    ppf = _open(ppath)
+    try:
+        pmeta = json.loads((ppf.schema_arrow.metadata or {}).get(_META_KEY, b"{}"))
+    except json.JSONDecodeError:
+        pmeta = {}
+    if pmeta.get("kind") != "points" or pmeta.get("pair") != meta.get("pair"):
+        raise ValueError(f"{ppath}: is not the points table written with {path.name} (its 'pair' "
+                         "token differs: one of the two files was replaced); rewrite both")
+    if ppf.metadata.num_row_groups != pf.metadata.num_row_groups:
+        raise ValueError(f"{ppath}: {ppf.metadata.num_row_groups} row groups, but {path.name} has "
+                         f"{pf.metadata.num_row_groups}; the pair is damaged, rewrite it")
+    return ppath, ppf
+
+
+def _flat_to_showers(path: Path, pf: pq.ParquetFile, table: pa.Table, meta: dict,
+                     row_groups) -> Showers:
+    names = tuple(meta.get("feature_names", ("x", "y", "z", "e")))
+    missing = [n for n in ("n_points", "energy", "theta", "phi", "particle", *_POSITION_COLUMNS)
+               if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}")
+    counts = table.column("n_points").to_numpy().astype(np.int64)
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    ppath, ppf = _open_points(path, pf, meta)
+    missing = [n for n in names if n not in ppf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{ppath}: missing point column(s) {missing}")
+    ptable = _read_table(ppath, ppf, row_groups, columns=list(names))
+    if ptable.num_rows != ptr[-1]:
+        raise ValueError(f"{ppath}: holds {ptable.num_rows} points where {path.name} counts "
+                         f"{ptr[-1]}; the pair is damaged, rewrite it")
+    columns = [ptable.column(name) for name in names]
+    if len({tuple(len(c) for c in col.chunks) for col in columns}) != 1:  # unequal chunking
+        columns = [pa.chunked_array([col.combine_chunks()]) for col in columns]
+    parts = ([c.to_numpy(zero_copy_only=False) for c in chunks]
+             for chunks in zip(*(col.chunks for col in columns)))  # one per row group
+    return _build_showers(path, names, parts, ptr, table, meta)
 
 
 def read_parquet(path: str | os.PathLike) -> Showers:
@@ -308,16 +463,16 @@ def _iter_parquet(path, batch_size):
         pf = _open(file)
         meta = _check_metadata(file, pf.schema_arrow, "showers")
         if batch_size is None:
-            yield _table_to_showers(file, _read_table(file, pf), meta)
+            yield read_showers_table(file, pf, meta)
             continue
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         for g in range(pf.metadata.num_row_groups):
-            part = _table_to_showers(file, _read_table(file, pf, [g]), meta)
+            part = read_showers_table(file, pf, meta, [g])
             pending.append(part)
             held += len(part)
             while held >= batch_size:
-                merged = Showers.concat(pending)
+                merged = pending[0] if len(pending) == 1 else Showers.concat(pending)
                 yield merged[:batch_size]
                 rest = merged[batch_size:]
                 pending, held = ([rest], len(rest)) if len(rest) else ([], 0)
@@ -361,49 +516,59 @@ class ParquetBatchWriter:
     """
 
     def __init__(self, path: str | os.PathLike, kind: str = "showers", *, metadata: dict | None = None,
-                 row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd"):
+                 row_group_size: int = ROW_GROUP_SHOWERS, compression: str = "zstd",
+                 layout: str = "list"):
         if kind not in ("showers", "hits"):
             raise ValueError(f"kind must be 'showers' or 'hits', got {kind!r}")
+        if _check_layout(layout) == "flat" and kind != "showers":
+            raise ValueError("the flat layout is for showers files; cell hits are written as lists")
         self.path, self.kind, self.metadata = Path(path), kind, metadata
         self.row_group_size, self.compression = int(row_group_size), compression
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
-        self._writer = None
-        self._schema = None
+        self.layout = layout
+        self._parts = [_Part(self.path)]
+        if layout == "flat":
+            import uuid
+
+            self._pair = uuid.uuid4().hex
+            self._parts.append(_Part(points_path(self.path)))
         self.rows = 0
 
     def write(self, batch, conditions=None) -> None:
+        if self.layout == "flat":
+            self._write_flat(batch)
+            return
         if self.kind == "showers":
             table = _showers_table(batch, self.metadata)
         else:
             table = _hits_table(batch, conditions, self.metadata)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression=self.compression,
-                                            use_dictionary=_dictionary_columns(table.schema))
-            self._schema = table.schema
-        else:
-            if not table.schema.remove_metadata().equals(self._schema.remove_metadata()):
-                raise ValueError(f"{self.path}: a batch has columns {table.schema.names}, the first "
-                                 f"had {self._schema.names}")
-            table = table.replace_schema_metadata(self._schema.metadata)
-        self._writer.write_table(table, row_group_size=self.row_group_size)
+        self._parts[0].write(table, self.row_group_size, self.compression)
         self.rows += table.num_rows
 
+    def _write_flat(self, showers: Showers) -> None:
+        """Row groups of the two tables stay aligned: each chunk of ``row_group_size`` showers
+        becomes one row group of each (an empty one for showers without points)."""
+        for a in range(0, len(showers), self.row_group_size):
+            chunk = showers[a:a + self.row_group_size]
+            rows, points = _flat_tables(chunk, self.metadata, self.rows, self._pair,
+                                        self._parts[1].path.name)
+            self._parts[0].write(rows, max(rows.num_rows, 1), self.compression)
+            self._parts[1].write(points, max(points.num_rows, 1), self.compression)
+            self.rows += rows.num_rows
+
     def close(self) -> Path:
-        """Finish the file and move it to ``path`` (atomic)."""
-        if self._writer is None:
-            self._atomic.__exit__(ValueError, ValueError("no batch"), None)
+        """Finish the file and move it to ``path`` (atomic). In the flat layout the points table
+        is moved first, so a showers file never appears without its points."""
+        if self._parts[0].writer is None:
+            self.abort(ValueError("no batch"))
             raise ValueError(f"{self.path}: no batch was written")
-        self._writer.close()
-        self._atomic.__exit__(None, None, None)
+        for part in reversed(self._parts):
+            part.close()
         return self.path
 
     def abort(self, exc: BaseException | None = None) -> None:
-        """Drop the temporary file; nothing appears under ``path``."""
-        if self._writer is not None:
-            self._writer.close()
-        exc = exc or RuntimeError("aborted")
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+        """Drop the temporary files; nothing appears under ``path``."""
+        for part in self._parts:
+            part.abort(exc or RuntimeError("aborted"))
 
     def __enter__(self) -> "ParquetBatchWriter":
         return self
@@ -414,6 +579,38 @@ class ParquetBatchWriter:
         else:
             self.abort(value)
         return False
+
+
+class _Part:
+    """One Parquet file being written under a temporary name (see :func:`atomic_path`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._atomic = atomic_path(path)
+        self._tmp = self._atomic.__enter__()
+        self.writer = None
+        self._schema = None
+
+    def write(self, table: pa.Table, row_group_size: int, compression: str = "zstd") -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._tmp, table.schema, compression=compression,
+                                           use_dictionary=_dictionary_columns(table.schema))
+            self._schema = table.schema
+        else:
+            if not table.schema.remove_metadata().equals(self._schema.remove_metadata()):
+                raise ValueError(f"{self.path}: a batch has columns {table.schema.names}, the first "
+                                 f"had {self._schema.names}")
+            table = table.replace_schema_metadata(self._schema.metadata)
+        self.writer.write_table(table, row_group_size=row_group_size)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def read_hits_parquet(path: str | os.PathLike) -> tuple[CellHits, dict[str, torch.Tensor] | None]:
