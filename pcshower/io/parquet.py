@@ -467,8 +467,15 @@ def _iter_parquet(path, batch_size):
             continue
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # row groups that fill a batch together are read in one call (no concatenation copy)
+        groups, rows = [], 0
         for g in range(pf.metadata.num_row_groups):
-            part = read_showers_table(file, pf, meta, [g])
+            groups.append(g)
+            rows += pf.metadata.row_group(g).num_rows
+            if held + rows < batch_size and g + 1 < pf.metadata.num_row_groups:
+                continue
+            part = read_showers_table(file, pf, meta, groups)
+            groups, rows = [], 0
             pending.append(part)
             held += len(part)
             while held >= batch_size:
