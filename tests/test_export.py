@@ -263,3 +263,35 @@ def test_export_leaves_the_callers_state_and_files_check_their_inputs(ddml_file,
         export_model(net, tmp_path / "phi.pt", layout="native")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         export_model(None, tmp_path / "z.pt", layout="native", steps=0)
+
+
+def test_a_geant4_taught_model_exports_with_its_stacks_response(tmp_path):
+    """A model whose training showers were recorded Geant4 deposits is read with the stack's
+    measured Geant4 layer response, in the file as in pcshower.generate: the same showers for
+    the same seed in a process without pcshower (the response's layer factors are drawn inside
+    the graph), and the metadata names the reading."""
+    import copy
+
+    from pcshower.models.generate import load_default_model
+
+    net = load_default_model()
+    taught = copy.copy(net)
+    taught.checkpoint_info = copy.deepcopy(net.checkpoint_info)
+    taught.checkpoint_info["provenance"]["training_data"] = {"engine": "geant4",
+                                                             "physics_energy": "per-cell deposit"}
+    path = tmp_path / "taught.pt"
+    meta = export_model(taught, path, layout="native", geometry="ild", batch=2)
+    assert meta["layer_response"] == "Geant4 layer response shipped for ild"
+    e = [20.0, 35.0]
+    meta, data = _run_fresh(path, tmp_path, [[5, e, [0.0, 0.0], [0.0, 0.0]]])
+    assert meta["layer_response"] == "Geant4 layer response shipped for ild"
+    ref = pcshower.generate(e, 90.0, "ild", model=taught, seed=5, batch_size=2)
+    assert ref.metadata["layer_response"] == meta["layer_response"]
+    plain = pcshower.generate(e, 90.0, "ild", model=net, seed=5, batch_size=2)
+    points, counts = data["points0"], data["counts0"]
+    np.testing.assert_array_equal(counts, ref.num_points.numpy())
+    assert not np.array_equal(counts, plain.num_points.numpy())  # another reading than sampling
+    for b in range(2):
+        theirs = ref[b].points.double().numpy()
+        np.testing.assert_allclose(points[b, :counts[b], :3], theirs[:, :3], atol=1e-3)
+        np.testing.assert_allclose(points[b, :counts[b], 4], theirs[:, 3], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,9 @@
 
 ``export_model`` writes the chain of :func:`pcshower.generate` for one geometry (shower flow,
 point network with its fixed number of sampler steps, calibration, sub-voxel split, placement in
-the local frame of the face a shower enters, sampling fraction and fluctuations) as one
+the local frame of the face a shower enters, and the reading of deposits as visible energy: the
+sampling fraction and fluctuations, or for a model taught by recorded Geant4 deposits the stack's
+measured Geant4 layer response, :mod:`pcshower.geometry.response`) as one
 TorchScript file that ``torch.jit.load`` (Python) or ``torch::jit::load`` (libtorch, C++) runs in
 a process that never imports pcshower. Layouts:
 
@@ -77,9 +79,9 @@ class _LocalChain(nn.Module):
     directions at the face centre (without hand-over to neighbouring barrel staves)."""
 
     def __init__(self, net, geom, module: int, steps: int, sampler: str, cond_phi,
-                 barrel_convention: bool):
+                 barrel_convention: bool, response=None):
         super().__init__()
-        self.net, self.geom = net, geom
+        self.net, self.geom, self.response = net, geom, response
         self.module, self.steps, self.sampler = int(module), int(steps), sampler
         self.cond_phi, self.barrel = cond_phi, bool(barrel_convention)
         m = geom.modules
@@ -99,7 +101,8 @@ class _LocalChain(nn.Module):
         # the model saw one azimuth (export_model refuses others): it is conditioned on that one
         showers = self.net.sample(energy, theta_model, frames.phi_local, steps=self.steps,
                                   sampler=self.sampler, cond_phi=self.cond_phi)
-        placed = self.geom._place_in(showers, frames, None, True, hand_over=False)
+        placed = self.geom._place_in(showers, frames, None, True, hand_over=False,
+                                     recorded=self.response)
         du, dv, w, kept = self.geom._visible_points(placed)
         layer = placed.layer.index_select(0, kept).to(torch.float64)
         visible = placed.visible.index_select(0, kept)
@@ -298,14 +301,11 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
                       f"not a steering property): the file writes {layers} counts, so DDML needs "
                       f"m_nLayer = {layers} to read it", stacklevel=2)
     info = getattr(net, "checkpoint_info", {}) or {}
-    from pcshower.geometry.response import response_for_provenance
+    from pcshower.geometry.response import resolve_response
 
-    if response_for_provenance(info.get("provenance")):
-        raise ValueError("this model was taught by recorded Geant4 deposits, which pcshower "
-                         "reads with the stack's measured Geant4 layer response "
-                         "(pcshower.geometry.response); exported pipelines place points with the "
-                         "equivalent-medium sampling model only, which would read this model's "
-                         "showers wrongly (30 % of the hits lost on ILD): not exported")
+    # as pcshower.generate reads them: a model taught by recorded Geant4 deposits with the
+    # stack's measured Geant4 layer response (its log-normal layer factors drawn in the graph)
+    response, response_label = resolve_response("auto", info.get("provenance"), geom)
     phi_range = info.get("provenance", {}).get("phi_range_rad")
     if not (phi_range and phi_range[1] - phi_range[0] < 1e-9):
         raise ValueError("this model is conditioned on the azimuth of its training showers (the "
@@ -324,7 +324,7 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
     # inference-only below, which must not touch the caller's model
     own = copy.deepcopy(net).to("cpu")
     own.chunk_points = None  # one pass: the chunked loop is Python control flow
-    chain = _LocalChain(own, geom, 0, steps, sampler, cond_phi, barrel)
+    chain = _LocalChain(own, geom, 0, steps, sampler, cond_phi, barrel, response)
     traced = {}
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         for name, oblique in (("normal", False), ("oblique", True)):
@@ -362,7 +362,8 @@ def export_model(model, out, *, layout: str = "ddml-caloclouds", geometry: str =
             "layout": layout, "geometry": geom.name, "layers": layers,
             "model": str(info.get("path", "in-memory model")), "model_sha256": info.get("sha256"),
             "steps": steps, "sampler": sampler, "network_calls": net.network_calls(steps, sampler),
-            "batch": batch, "energy_range_gev": list(net.energy_range),
+            "batch": batch, "layer_response": response_label,
+            "energy_range_gev": list(net.energy_range),
             "theta_local_range_deg": _local_theta_range(net, barrel),
             "units": {"energy": "GeV", "angles": "deg", "length": "mm",
                       "deposit": "MeV (visible)"},
