@@ -242,3 +242,26 @@ def test_reduce_merges_a_data_set_on_a_coarser_grid_and_resumes(tmp_path, capsys
     assert main(["reduce", str(fine), "--grid", "1,1,2", "--out", str(tmp_path / "c2"),
                  "--no-progress"]) == 0
     assert "25 showers in 3 file(s)" in capsys.readouterr().out
+
+
+def test_reduce_writes_the_flat_layout_for_training(tmp_path):
+    """`pcshower reduce --layout flat` gives the same showers as the list layout, a points
+    table per shard, and a data set the training stream reads."""
+    from pcshower.data.stream import dataset_units, read_unit
+    from pcshower.io import points_path
+
+    fine = tmp_path / "fine"
+    _produce(fine)
+    assert main(["reduce", str(fine), "--grid", "0.5,0.5,1", "--out", str(tmp_path / "list"),
+                 "--no-progress"]) == 0
+    assert main(["reduce", str(fine), "--grid", "0.5,0.5,1", "--out", str(tmp_path / "flat"),
+                 "--layout", "flat", "--compression", "lz4", "--no-progress"]) == 0
+    a, b = read_parquet(tmp_path / "list"), read_parquet(tmp_path / "flat")
+    assert torch.equal(a.points, b.points) and torch.equal(a.ptr, b.ptr)
+    assert torch.equal(a.energy, b.energy)
+    assert points_path(tmp_path / "flat" / "shard-00000.parquet").exists()
+    units = dataset_units(tmp_path / "flat")
+    assert sum(u.rows for u in units) == 25 and len(read_unit(units[0])) == units[0].rows
+    # resumes like the list layout: complete shards are kept
+    assert main(["reduce", str(fine), "--grid", "0.5,0.5,1", "--out", str(tmp_path / "flat"),
+                 "--layout", "flat", "--no-progress"]) == 0

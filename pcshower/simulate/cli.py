@@ -179,6 +179,11 @@ def _register_reduce(subparsers) -> None:
                         "voxel centre")
     r.add_argument("--out", required=True, help="output file (for a file) or directory")
     r.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    r.add_argument("--layout", choices=("list", "flat"), default="list",
+                   help="Parquet layout of the output (docs/formats.md): one row per shower "
+                        "with point lists (default), or 'flat', faster to read (training)")
+    r.add_argument("--compression", default="zstd", choices=("zstd", "lz4", "snappy", "none"),
+                   help="Parquet compression of the output (default zstd; lz4 reads faster)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_reduce)
 
@@ -188,7 +193,8 @@ def _reduce(args) -> int:
 
     summary = reduce_dataset(args.input, args.out, _parse_grid(args.grid),
                              position=args.position, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, layout=args.layout,
+                             compression=args.compression)
     print(f"{args.out}: {summary['showers']} showers in {summary['files']} file(s) "
           f"({summary['written']} written now, {summary['kept']} already done); points per "
           f"shower {summary['points_before']:.0f} -> {summary['points_after']:.0f}")
